@@ -1,0 +1,1 @@
+"""Lightning callbacks, installed as ``xaudit.callbacks``."""

@@ -1,0 +1,167 @@
+"""The Lightning module that trains a backbone, and safe checkpoint loading.
+
+Checkpoints hold only plain data (tensors, numbers, strings, dicts): the backbone recipe and
+the data description live under ``checkpoint["xaudit"]``, so ``torch.load(path,
+weights_only=True)`` can rebuild the model without unpickling arbitrary objects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torchmetrics import MeanMetric, SumMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from xaudit.models.backbones import build_backbone
+from xaudit.utils.errors import NonFiniteLossError
+
+CHECKPOINT_KEY = "xaudit"
+
+
+def _plain(obj: Any) -> Any:
+    return OmegaConf.to_container(obj, resolve=True) if isinstance(obj, DictConfig) else obj
+
+
+class Classifier(pl.LightningModule):
+    """Image classifier: backbone + cross-entropy, accuracy per split, Hydra optimiser/scheduler.
+
+    ``backbone`` is the keyword dict for :func:`xaudit.models.build_backbone` minus the data-given
+    sizes; ``optimizer`` and ``scheduler`` are Hydra partials (``_partial_: true``). A scheduler
+    whose signature has ``total_steps`` (OneCycleLR) gets the trainer's step count.
+    """
+
+    def __init__(
+        self,
+        backbone: dict[str, Any] | None = None,
+        num_classes: int = 10,
+        in_chans: int = 3,
+        image_size: int | None = None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        backbone = dict(_plain(backbone) or {"name": "small_cnn"})
+        # optimizer/scheduler are callables: kept out of hparams so checkpoints stay weights-only safe
+        self.save_hyperparameters({"backbone": backbone, "num_classes": int(num_classes),
+                                   "in_chans": int(in_chans), "image_size": image_size,
+                                   "label_smoothing": float(label_smoothing)})
+        self.net = build_backbone(num_classes=num_classes, in_chans=in_chans, image_size=image_size, **backbone)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.label_smoothing = float(label_smoothing)
+        self.xaudit_info: dict[str, Any] = {}
+        self.acc = torch.nn.ModuleDict({s: MulticlassAccuracy(num_classes, average="micro")
+                                        for s in ("train_", "val_", "test_")})
+        self.loss_mean = torch.nn.ModuleDict({s: MeanMetric() for s in ("train_", "val_", "test_")})
+        self.count = torch.nn.ModuleDict({s: SumMetric() for s in ("val_", "test_")})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    # -- steps -----------------------------------------------------------------------------
+    def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
+        x, y = batch["image"], batch["label"]
+        logits = self(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if split == "train" else 0.0)
+        key = split + "_"
+        self.acc[key].update(logits.detach(), y)
+        self.loss_mean[key].update(loss.detach(), weight=y.shape[0])
+        if key in self.count:
+            self.count[key].update(torch.tensor(float(y.shape[0]), device=x.device))
+        # metric objects are reduced across ranks at epoch end: exact under DDP, no padded samples
+        self.log(f"{split}/acc", self.acc[key], on_step=False, on_epoch=True, prog_bar=split != "test")
+        self.log(f"{split}/loss", self.loss_mean[key], on_step=False, on_epoch=True, prog_bar=split == "train")
+        if key in self.count:
+            self.log(f"{split}/count", self.count[key], on_step=False, on_epoch=True)
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        finite = bool(torch.isfinite(loss))
+        # every rank must stop together, otherwise the others would wait in all-reduce forever
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise NonFiniteLossError(self._non_finite_message(loss))
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def _non_finite_message(self, loss: torch.Tensor) -> str:
+        ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or getattr(
+            self.trainer.checkpoint_callback, "best_model_path", "")
+        where = f"Last good checkpoint (kept): {ckpt}" if ckpt else "No checkpoint was written yet."
+        return (
+            f"Training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
+            f"training stopped before this step touched the weights. {where} Fix: lower "
+            "model.optimizer.lr, set trainer.gradient_clip_val=1.0, or check the data for NaN/Inf."
+        )
+
+    # -- optimisation ----------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        if self.optimizer_factory is None:
+            raise ValueError("Classifier has no optimizer: pass model.optimizer (a Hydra partial) to train.")
+        opt = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        kwargs: dict[str, Any] = {}
+        target = getattr(self.scheduler_factory, "func", self.scheduler_factory)
+        if "total_steps" in inspect.signature(target).parameters and "total_steps" not in getattr(
+                self.scheduler_factory, "keywords", {}):
+            kwargs["total_steps"] = int(self.trainer.estimated_stepping_batches)
+            interval = "step"
+        else:
+            interval = "epoch"
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt, **kwargs),
+                                                   "interval": interval}}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {"hparams": dict(self.hparams), **self.xaudit_info}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.xaudit_info = {k: v for k, v in checkpoint.get(CHECKPOINT_KEY, {}).items() if k != "hparams"}
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with errors that say what went wrong and what to do."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist (ckpt_path). Train one with `python train.py`.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        msg = str(err)
+        if "weights_only" in msg or "Unsupported global" in msg or "Weights only load failed" in msg:
+            raise ValueError(
+                f"Refusing to load {path}: it holds arbitrary Python objects, and xaudit only loads "
+                "checkpoints with torch.load(..., weights_only=True) (unpickling can run code). "
+                "Re-save it from trusted code as plain tensors/dicts (a checkpoint written by "
+                "`python train.py` is already safe)."
+            ) from err
+        raise ValueError(f"Checkpoint {path} is unreadable (truncated or not a torch file): {msg}") from err
+
+
+def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
+    """Rebuild a :class:`Classifier` from an xaudit checkpoint (weights-only, eval mode)."""
+    ckpt = load_checkpoint(path)
+    info = ckpt.get(CHECKPOINT_KEY)
+    if info is None:
+        raise ValueError(f"{path} is not an xaudit checkpoint (no '{CHECKPOINT_KEY}' entry); "
+                         "use a checkpoint written by `python train.py`.")
+    hp = dict(info["hparams"])
+    hp["backbone"] = {**hp["backbone"], "pretrained": False, "weights_path": None}
+    model = Classifier(**hp)
+    model.load_state_dict(ckpt["state_dict"])
+    model.xaudit_info = {k: v for k, v in info.items() if k != "hparams"}
+    return model.to(map_location).eval()

@@ -1,0 +1,1 @@
+"""xaudit.roar."""

@@ -1,0 +1,54 @@
+"""Helpers shared by the train and audit tasks: instantiation from config groups, run paths."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("xaudit")
+
+
+def instantiate_group(group: DictConfig | None) -> list[Any]:
+    """Instantiate every ``_target_`` entry of a dict-of-configs group (callbacks, loggers)."""
+    if not group:
+        return []
+    return [instantiate(c) for c in group.values() if isinstance(c, DictConfig) and "_target_" in c]
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    """The run directory (Hydra's output dir when launched by Hydra)."""
+    return Path(str(cfg.paths.output_dir)).resolve()
+
+
+def resolve_last_checkpoint(value: str | None, log_dir: str | Path) -> str | None:
+    """``"last"`` → the newest ``checkpoints/last.ckpt`` under ``log_dir/train``; else unchanged."""
+    if value is None or str(value) != "last":
+        return None if value is None else str(value)
+    candidates = glob.glob(str(Path(log_dir) / "train" / "**" / "checkpoints" / "last.ckpt"), recursive=True)
+    if not candidates:
+        raise FileNotFoundError(
+            f"ckpt_path=last: no checkpoints/last.ckpt under {Path(log_dir) / 'train'}. "
+            "Run `python train.py` first, or pass ckpt_path=/path/to/file.ckpt."
+        )
+    return max(candidates, key=os.path.getmtime)
+
+
+def plain_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config as plain containers (safe to store in a weights-only checkpoint)."""
+    container = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    assert isinstance(container, dict)
+    container.pop("hydra", None)
+    return container
+
+
+def seed(cfg: DictConfig) -> None:
+    """Seed python, numpy and torch (and dataloader workers) when ``cfg.seed`` is set."""
+    if cfg.get("seed") is not None:
+        pl.seed_everything(int(cfg.seed), workers=True, verbose=False)

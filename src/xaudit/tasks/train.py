@@ -1,0 +1,66 @@
+"""The body of ``python train.py``: data + model + callbacks + loggers → fit → test."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from xaudit.models.classifier import Classifier
+from xaudit.tasks.common import instantiate_group, log, plain_config, resolve_last_checkpoint, run_dir, seed
+
+
+def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Classifier]:
+    """Instantiate the datamodule, then the model sized from it (classes, channels, image size)."""
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model, num_classes=datamodule.num_classes, in_chans=datamodule.in_chans,
+                        image_size=datamodule.image_size)
+    # plain data only: the checkpoint stays loadable with torch.load(weights_only=True)
+    model.xaudit_info = {"data": datamodule.describe(), "config": plain_config(cfg)}
+    return datamodule, model
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train (and test) a classifier as configured; return metrics and paths.
+
+    The returned dict holds every logged metric as a float plus ``ckpt_path`` (best checkpoint),
+    ``last_ckpt_path`` and ``run_dir``.
+    """
+    seed(cfg)
+    datamodule, model = build(cfg)
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(plain_config(cfg))
+
+    ckpt_path = resolve_last_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
+    try:
+        trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        ckpt_cb = trainer.checkpoint_callback
+        best = getattr(ckpt_cb, "best_model_path", "") or ""
+        if cfg.get("test") and not trainer.fast_dev_run:
+            results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
+            metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
+    finally:
+        _finish_wandb(loggers)
+    out = {**metrics, "ckpt_path": best, "last_ckpt_path": getattr(ckpt_cb, "last_model_path", "") or "",
+           "run_dir": str(run_dir(cfg))}
+    if trainer.is_global_zero:
+        acc = metrics.get("test/acc")
+        log.info("Test accuracy: %s", f"{acc:.4f}" if acc is not None else "n/a (test=false)")
+        log.info("Checkpoint: %s", best or "(none written)")
+        log.info("Run directory: %s", out["run_dir"])
+    return out
+
+
+def _finish_wandb(loggers: list[Any]) -> None:
+    """Close the W&B run so its offline files are complete (and a next run starts fresh)."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

@@ -1,0 +1,1 @@
+"""Small shared helpers: errors, checkpoint I/O, atomic files, rank-aware logging."""
