@@ -8,6 +8,7 @@ weights_only=True)`` can rebuild the model without unpickling arbitrary objects.
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
-from torchmetrics import MeanMetric, SumMetric
+from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from xaudit.models.backbones import build_backbone
@@ -66,6 +67,9 @@ class Classifier(pl.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
+    def setup(self, stage: str) -> None:
+        unshare_metric_states(self)
+
     # -- steps -----------------------------------------------------------------------------
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
@@ -76,12 +80,32 @@ class Classifier(pl.LightningModule):
         self.loss_mean[key].update(loss.detach(), weight=y.shape[0])
         if key in self.count:
             self.count[key].update(torch.tensor(float(y.shape[0]), device=x.device))
-        # metric objects are reduced across ranks at epoch end: exact under DDP, no padded samples
-        self.log(f"{split}/acc", self.acc[key], on_step=False, on_epoch=True, prog_bar=split != "test")
-        self.log(f"{split}/loss", self.loss_mean[key], on_step=False, on_epoch=True, prog_bar=split == "train")
-        if key in self.count:
-            self.log(f"{split}/count", self.count[key], on_step=False, on_epoch=True)
         return loss
+
+    def _log_epoch(self, split: str) -> None:
+        """Reduce this split's metrics across ranks once, log them, reset them.
+
+        ``Metric.compute()`` all-reduces the states exactly once (ranks may have seen different
+        numbers of batches: no padding), so the logged values need no further ``sync_dist``.
+        """
+        key = split + "_"
+        values = {f"{split}/acc": self.acc[key].compute(), f"{split}/loss": self.loss_mean[key].compute()}
+        if key in self.count:
+            values[f"{split}/count"] = self.count[key].compute()
+        for metric in (self.acc[key], self.loss_mean[key], *([self.count[key]] if key in self.count else [])):
+            metric.reset()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*sync_dist=True.*")
+            self.log_dict(values, prog_bar=split != "test", sync_dist=False)
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_epoch("test")
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
@@ -122,8 +146,13 @@ class Classifier(pl.LightningModule):
             interval = "step"
         else:
             interval = "epoch"
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": self.scheduler_factory(opt, **kwargs),
-                                                   "interval": interval}}
+        try:
+            scheduler = self.scheduler_factory(opt, **kwargs)
+        except ZeroDivisionError:
+            # OneCycleLR divides by zero when pct_start * total_steps == 1 (tiny debug runs)
+            kwargs["total_steps"] += 1
+            scheduler = self.scheduler_factory(opt, **kwargs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
     # -- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -131,6 +160,18 @@ class Classifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.xaudit_info = {k: v for k, v in checkpoint.get(CHECKPOINT_KEY, {}).items() if k != "hparams"}
+
+
+def unshare_metric_states(module: torch.nn.Module) -> None:
+    """Give every torchmetrics state its own memory in this process.
+
+    Under DDP spawn on CPU the module is pickled to the workers through torch.multiprocessing,
+    which moves metric-state tensors to shared memory: all ranks then add into one tensor and the
+    all-reduce counts everything twice. ``reset()`` replaces each state with a private copy.
+    """
+    for m in module.modules():
+        if isinstance(m, Metric):
+            m.reset()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -9,10 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate as _hydra_instantiate
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("xaudit")
+
+
+def instantiate(node: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` that lets xaudit's own errors through unwrapped.
+
+    Hydra wraps every constructor error in an InstantiationException; for errors that already
+    name the problem and the fix (ValueError, FileNotFoundError and subclasses) the wrapper only
+    adds noise, so the original is raised instead.
+    """
+    try:
+        return _hydra_instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__
+        if isinstance(cause, (ValueError, FileNotFoundError, RuntimeError)):
+            raise cause from None
+        raise
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

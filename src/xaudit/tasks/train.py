@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from xaudit.models.classifier import Classifier
-from xaudit.tasks.common import instantiate_group, log, plain_config, resolve_last_checkpoint, run_dir, seed
+from xaudit.tasks.common import (
+    instantiate,
+    instantiate_group,
+    log,
+    plain_config,
+    resolve_last_checkpoint,
+    run_dir,
+    seed,
+)
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Classifier]:
@@ -22,17 +30,18 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Classifier]:
     return datamodule, model
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
+def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
     """Train (and test) a classifier as configured; return metrics and paths.
 
+    ``callbacks`` are added to the configured ones (for programmatic use).
     The returned dict holds every logged metric as a float plus ``ckpt_path`` (best checkpoint),
     ``last_ckpt_path`` and ``run_dir``.
     """
     seed(cfg)
     datamodule, model = build(cfg)
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    all_callbacks = [*instantiate_group(cfg.get("callbacks")), *callbacks]
     loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(plain_config(cfg))
 

@@ -1,0 +1,186 @@
+"""Shared pieces of every datamodule: the batch-dict dataset and DDP samplers without padding.
+
+A batch is a dict: ``image`` float [B,C,H,W] (normalised), ``label`` long [B], ``index`` long [B]
+(position in the split, used by ROAR's attribution store) and ``mask`` bool [B,H,W] where ground
+truth exists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+Batch = dict[str, torch.Tensor]
+
+
+class TensorDictDataset(Dataset):
+    """In-memory uint8 images (+ optional masks) served as normalised batch dicts.
+
+    Images stay uint8 in memory (4x smaller than float) and are normalised per item.
+    ``augment`` applies a seeded-by-global-RNG random crop (pad 4) and horizontal flip.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        mean: Sequence[float],
+        std: Sequence[float],
+        masks: torch.Tensor | None = None,
+        augment: bool = False,
+    ) -> None:
+        if images.ndim != 4:
+            raise ValueError(f"images must be [N,C,H,W], got shape {tuple(images.shape)}")
+        self.images = images
+        self.labels = labels.long()
+        self.masks = masks
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(-1, 1, 1)
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, i: int) -> Batch:
+        img = self.images[i].float().div_(255.0)
+        mask = self.masks[i] if self.masks is not None else None
+        if self.augment:
+            img, mask = random_crop_flip(img, mask)
+        item = {"image": (img - self.mean) / self.std, "label": self.labels[i], "index": torch.tensor(i)}
+        if mask is not None:
+            item["mask"] = mask
+        return item
+
+
+def random_crop_flip(
+    img: torch.Tensor, mask: torch.Tensor | None, pad: int = 4
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Standard CIFAR augmentation (reflect-pad crop + flip) applied identically to the mask."""
+    h, w = img.shape[-2:]
+    i, j = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,)))
+    flip = bool(torch.rand(()) < 0.5)
+    img = torch.nn.functional.pad(img[None], (pad, pad, pad, pad), mode="reflect")[0, :, i : i + h, j : j + w]
+    if flip:
+        img = img.flip(-1)
+    if mask is not None:
+        mask = torch.nn.functional.pad(mask[None, None].float(), (pad, pad, pad, pad), mode="reflect")
+        mask = mask[0, 0, i : i + h, j : j + w].bool()
+        if flip:
+            mask = mask.flip(-1)
+    return img, mask
+
+
+class UnpaddedDistributedSampler(DistributedSampler):
+    """Shards an evaluation set across ranks *without* padding or duplicates.
+
+    ``torch.utils.data.DistributedSampler`` repeats samples so every rank gets the same count,
+    which biases metrics. Here rank r takes indices r, r+W, r+2W, ...; ranks may differ by one
+    sample, and torchmetrics' sum/cat states reduce that exactly. Subclassing DistributedSampler
+    tells Lightning not to replace it.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        n = len(dataset)  # type: ignore[arg-type]
+        self.num_samples = len(range(rank, n, num_replicas))
+        self.total_size = n
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+class XAuditDataModule(pl.LightningDataModule):
+    """Base datamodule: loaders yielding batch dicts, DDP-exact evaluation sharding.
+
+    Subclasses fill ``self.train_set``, ``self.val_set``, ``self.test_set`` in ``setup`` and set
+    ``num_classes``, ``in_chans``, ``image_size``, ``mean``, ``std``, ``class_names`` and
+    ``has_masks`` in ``__init__`` (so a model can be built before ``setup``).
+    """
+
+    num_classes: int
+    in_chans: int = 3
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    class_names: list[str]
+    has_masks: bool = False
+
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 1, 0
+        return int(trainer.world_size), int(trainer.global_rank)
+
+    def _loader(self, dataset: Dataset | None, train: bool, split: str) -> DataLoader:
+        if dataset is None:
+            self.setup("fit" if split in ("train", "val") else "test")
+            dataset = getattr(self, f"{split}_set")
+        world, rank = self._world()
+        sampler: Any = None
+        if world > 1:
+            sampler = (
+                DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+                if train
+                else UnpaddedDistributedSampler(dataset, num_replicas=world, rank=rank)
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, True, "train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, False, "val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, False, "test")
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-data summary (stored in checkpoints so an audit can rebuild the data)."""
+        return {
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "class_names": list(self.class_names),
+            "has_masks": self.has_masks,
+        }
+
+    def denormalize(self, image: torch.Tensor) -> torch.Tensor:
+        """Undo the normalisation: [B,C,H,W] normalised → [0,1] for plotting."""
+        mean = torch.tensor(self.mean, device=image.device, dtype=image.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=image.device, dtype=image.dtype).view(1, -1, 1, 1)
+        return (image * std + mean).clamp(0, 1)
+
+
+def channel_stats(images_uint8: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std of uint8 images [N,C,H,W] in [0,1] units (float64 for exactness)."""
+    x = images_uint8.double().div(255.0)
+    mean = x.mean(dim=(0, 2, 3))
+    std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+    return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
+

@@ -1,0 +1,42 @@
+"""CIFAR10DataModule reads the real python-batch format through torchvision's loader."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from xaudit.data import CIFAR10DataModule
+from xaudit.tasks.train import train
+from xaudit.utils.errors import DataNotFoundError
+
+from conftest import write_cifar10
+
+
+def test_reads_tiny_cifar_batches(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, n_train_per_batch=12, n_test=20)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), val_size=10, batch_size=8)
+    dm.setup()
+    assert len(dm.train_set) == 50 and len(dm.val_set) == 10 and len(dm.test_set) == 20
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (8, 3, 32, 32) and "mask" not in batch
+    assert batch["label"].dtype == torch.long and int(batch["label"].max()) < 10
+    assert dm.describe()["class_names"][0] == "airplane"
+
+
+def test_trains_one_step_on_cifar_files(tmp_path: Path, make_cfg) -> None:
+    write_cifar10(tmp_path / "data")
+    cfg = make_cfg("data=cifar10", "data.val_size=10", "data.num_workers=0", "data.batch_size=16",
+                   "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false", fast=False, out=tmp_path)
+    out = train(cfg)
+    assert out["ckpt_path"].endswith(".ckpt") and Path(out["ckpt_path"]).is_file()
+
+
+def test_missing_cifar_names_key_and_how_to_get_it(tmp_path: Path) -> None:
+    dm = CIFAR10DataModule(data_dir=str(tmp_path / "nowhere"))
+    with pytest.raises(DataNotFoundError) as err:
+        dm.setup("fit")
+    msg = str(err.value)
+    assert "data.data_dir=" in msg and "nowhere" in msg
+    assert "data.download=true" in msg and "cifar-10-python.tar.gz" in msg
