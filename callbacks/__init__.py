@@ -1,1 +1,5 @@
 """Lightning callbacks, installed as ``xaudit.callbacks``."""
+
+from xaudit.callbacks.explanation_monitor import ExplanationMonitor
+
+__all__ = ["ExplanationMonitor"]

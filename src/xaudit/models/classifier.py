@@ -176,6 +176,8 @@ def unshare_metric_states(module: torch.nn.Module) -> None:
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with errors that say what went wrong and what to do."""
+    if not str(path):
+        raise FileNotFoundError("No checkpoint path given (ckpt_path is empty). Train one with `python train.py`.")
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist (ckpt_path). Train one with `python train.py`.")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -56,14 +57,22 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, A
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     finally:
         _finish_wandb(loggers)
-    out = {**metrics, "ckpt_path": best, "last_ckpt_path": getattr(ckpt_cb, "last_model_path", "") or "",
-           "run_dir": str(run_dir(cfg))}
+    out = {**metrics, "ckpt_path": best, "last_ckpt_path": _last_checkpoint(ckpt_cb), "run_dir": str(run_dir(cfg))}
     if trainer.is_global_zero:
         acc = metrics.get("test/acc")
         log.info("Test accuracy: %s", f"{acc:.4f}" if acc is not None else "n/a (test=false)")
         log.info("Checkpoint: %s", best or "(none written)")
         log.info("Run directory: %s", out["run_dir"])
     return out
+
+
+def _last_checkpoint(ckpt_cb: Any) -> str:
+    """Path of ``last.ckpt`` (DDP spawn does not send ``last_model_path`` back to the main process)."""
+    path = getattr(ckpt_cb, "last_model_path", "") or ""
+    if not path and getattr(ckpt_cb, "dirpath", None):
+        candidate = Path(ckpt_cb.dirpath) / f"{ckpt_cb.CHECKPOINT_NAME_LAST}{ckpt_cb.FILE_EXTENSION}"
+        path = str(candidate) if candidate.is_file() else ""
+    return path
 
 
 def _finish_wandb(loggers: list[Any]) -> None:

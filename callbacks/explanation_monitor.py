@@ -1,0 +1,290 @@
+"""Per-epoch explanation monitoring: what the model looks at while it trains.
+
+Every ``every_n_epochs`` validation epochs the monitor explains a fixed, class-balanced probe
+batch with each configured method, logs one overlay grid (rows = samples; columns = image |
+one map per method; row captions = true/predicted label and probability), per-method quality
+scalars under ``explain/<method>/<metric>`` and, for W&B, a table of per-sample values.
+
+It never changes training: the probe batch is drawn with its own generator, explainers and
+metrics run in eval mode without touching ``param.grad``, BatchNorm statistics or the global RNG.
+Under DDP every rank computes the same (small) probe batch, so no collective is needed and the
+values equal a single-device run; only rank zero writes images, tables and files.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from xaudit.explainers import UnsupportedModelError, create
+from xaudit.explainers import names as explainer_names
+from xaudit.metrics import DeletionInsertion, PointingGame, RelevanceMass, spearman
+from xaudit.reporting.overlays import grid_image
+from xaudit.utils.errors import ConfigError, unknown_choice
+
+MODEL_METRICS = ("deletion", "insertion")
+MASK_METRICS = ("mass_in_mask", "pointing_game")
+METRICS = (*MODEL_METRICS, *MASK_METRICS)
+
+
+@contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode for the duration (no dropout RNG, no BN updates), every module's flag restored."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Class labels of a dataset without decoding images where the dataset knows them."""
+    for attr in ("labels", "targets"):
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr)).long()
+    folder = getattr(dataset, "folder", None)
+    if folder is not None and hasattr(folder, "targets"):
+        return torch.as_tensor(folder.targets).long()
+    return torch.stack([torch.as_tensor(dataset[i]["label"]) for i in range(len(dataset))]).long()
+
+
+def balanced_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` indices taking classes in turn (a seeded shuffle within each class)."""
+    g = torch.Generator().manual_seed(int(seed))
+    per_class = [torch.nonzero(labels == c).flatten() for c in labels.unique(sorted=True)]
+    per_class = [idx[torch.randperm(len(idx), generator=g)] for idx in per_class]
+    picked: list[int] = []
+    depth = 0
+    while len(picked) < n:
+        for idx in per_class:
+            if depth < len(idx) and len(picked) < n:
+                picked.append(int(idx[depth]))
+        depth += 1
+    return torch.tensor(picked)
+
+
+class ExplanationMonitor(pl.Callback):
+    """Explain a fixed probe batch every N epochs and log grids and quality scalars.
+
+    Args:
+        explainers: names from :func:`xaudit.explainers.names`, or a mapping name → keyword
+            arguments for :func:`xaudit.explainers.create` (e.g. ``{"grad_cam": {"target_layer":
+            "layer3"}}``). ``cam`` on a backbone without a GAP→linear head is skipped with one warning.
+        every_n_epochs: run after validation of every N-th epoch (epoch 0 included).
+        num_samples: probe batch size, drawn class-balanced from the validation set.
+        metrics: subset of ``deletion, insertion, mass_in_mask, pointing_game``, or ``"auto"``
+            (all; the mask metrics are skipped with a warning on data without masks).
+        steps: deletion/insertion steps (RISE protocol).
+        seed: seeds the probe-batch choice (a private generator).
+        log_images / log_table: turn off the grid image / W&B table.
+    """
+
+    def __init__(
+        self,
+        explainers: Sequence[str] | dict[str, dict[str, Any]] = ("cam", "grad_cam", "saliency"),
+        every_n_epochs: int = 1,
+        num_samples: int = 16,
+        metrics: Sequence[str] | str = "auto",
+        steps: int = 16,
+        substrate: str = "blur",
+        seed: int = 0,
+        log_images: bool = True,
+        log_table: bool = True,
+        cell: int = 96,
+    ) -> None:
+        super().__init__()
+        specs = dict(explainers) if isinstance(explainers, dict) else {str(n): {} for n in explainers}
+        self.specs = {name: dict(kw or {}) for name, kw in specs.items()}
+        for name in self.specs:
+            if name not in explainer_names():
+                raise unknown_choice("explainer", name, explainer_names(), key="callbacks.explanation_monitor.explainers")
+        if not self.specs:
+            raise ConfigError("callbacks.explanation_monitor.explainers is empty; name at least one method.")
+        if int(every_n_epochs) < 1 or int(num_samples) < 1 or int(steps) < 1:
+            raise ConfigError("every_n_epochs, num_samples and steps of the explanation monitor must be ≥1; got "
+                              f"{every_n_epochs}, {num_samples}, {steps}.")
+        self.auto = metrics == "auto"
+        self.metric_names = list(METRICS if self.auto else metrics)
+        for m in self.metric_names:
+            if m not in METRICS:
+                raise unknown_choice("monitor metric", m, METRICS, key="callbacks.explanation_monitor.metrics")
+        self.every_n_epochs = int(every_n_epochs)
+        self.num_samples = int(num_samples)
+        self.steps = int(steps)
+        self.substrate = substrate
+        self.seed = int(seed)
+        self.log_images = bool(log_images)
+        self.log_table = bool(log_table)
+        self.cell = int(cell)
+        self.probe: dict[str, torch.Tensor] | None = None
+        self.explainers: dict[str, Any] = {}
+        self.previous: dict[str, torch.Tensor] = {}
+        self.class_names: list[str] | None = None
+        self.history: list[dict[str, float]] = []
+
+    # -- setup: everything that can be wrong fails here, before the first epoch -------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        dataset = self._val_dataset(trainer)
+        if dataset is not None:
+            self._build(trainer, pl_module, dataset)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe is None and not trainer.sanity_checking:
+            loaders = trainer.val_dataloaders
+            loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
+            self._build(trainer, pl_module, loader.dataset)
+
+    @staticmethod
+    def _val_dataset(trainer: pl.Trainer) -> Dataset | None:
+        dm = trainer.datamodule
+        return getattr(dm, "val_set", None) if dm is not None else None
+
+    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset) -> None:
+        n = len(dataset)  # type: ignore[arg-type]
+        if self.num_samples > n:
+            raise ConfigError(
+                f"callbacks.explanation_monitor.num_samples={self.num_samples} exceeds the {n} validation "
+                f"samples; use num_samples ≤{n}.")
+        idx = balanced_indices(dataset_labels(dataset), self.num_samples, self.seed)
+        items = [dataset[int(i)] for i in idx]
+        probe = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+        has_mask = "mask" in probe
+        wanted_masks = [m for m in self.metric_names if m in MASK_METRICS]
+        if wanted_masks and not has_mask:
+            if not self.auto:
+                raise ConfigError(
+                    f"explanation monitor metrics {wanted_masks} need ground-truth masks, but the validation data "
+                    "has none. Drop them from callbacks.explanation_monitor.metrics or use metrics=auto.")
+            warnings.warn(f"ExplanationMonitor: the data has no masks; skipping {wanted_masks}.", stacklevel=2)
+            self.metric_names = [m for m in self.metric_names if m not in MASK_METRICS]
+        self.probe = {k: v.to(pl_module.device) for k, v in probe.items()}
+        dm = trainer.datamodule
+        self.class_names = list(getattr(dm, "class_names", []) or []) or None
+        self._denorm = getattr(dm, "denormalize", None)
+        model = self._model(pl_module)
+        x = self.probe["image"][:2]
+        with _eval_mode(model):  # dry run: wrong layers / unsupported heads fail now, not at epoch 3
+            for name, kw in self.specs.items():
+                explainer = create(name, model, **kw)
+                try:
+                    explainer.attribute(x, self.probe["label"][:2])
+                except UnsupportedModelError as err:
+                    if name != "cam":
+                        raise
+                    warnings.warn(f"ExplanationMonitor: skipping cam ({err})", stacklevel=2)
+                    continue
+                self.explainers[name] = explainer
+
+    @staticmethod
+    def _model(pl_module: pl.LightningModule) -> nn.Module:
+        return getattr(pl_module, "net", pl_module)
+
+    # -- every N epochs ---------------------------------------------------------------------------
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or self.probe is None:
+            return
+        epoch = trainer.current_epoch
+        if epoch % self.every_n_epochs and epoch != trainer.max_epochs - 1:
+            return
+        result = self.explain(pl_module)
+        # NaN marks samples where a metric is undefined (e.g. a map with no positive mass)
+        scalars = {f"explain/{m}/{k}": float(v.float().nanmean())
+                   for m, vals in result["values"].items() for k, v in vals.items()}
+        for key, value in scalars.items():
+            pl_module.log(key, value, sync_dist=False)  # identical on every rank: nothing to reduce
+        self.history.append({"epoch": float(epoch), **scalars})
+        if trainer.is_global_zero:
+            self._write(trainer, epoch, result)
+
+    def explain(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """Maps, predictions and per-sample metric values for the probe batch (no logging)."""
+        assert self.probe is not None
+        model = self._model(pl_module)
+        x, y = self.probe["image"], self.probe["label"]
+        mask = self.probe.get("mask")
+        maps: dict[str, torch.Tensor] = {}
+        values: dict[str, dict[str, torch.Tensor]] = {}
+        with _eval_mode(model):
+            with torch.no_grad():
+                probs = model(x).softmax(-1)
+            for name, explainer in self.explainers.items():
+                attr = explainer.attribute(x, y)
+                maps[name] = attr
+                values[name] = self._scores(model, x, attr, y, mask)
+                prev = self.previous.get(name)
+                if prev is not None:
+                    values[name]["rank_corr_prev"] = spearman(attr.flatten(1).float(), prev.flatten(1).float())
+                self.previous[name] = attr.detach().clone()
+        return {"maps": maps, "values": values, "probs": probs, "pred": probs.argmax(-1)}
+
+    def _scores(self, model: nn.Module, x: torch.Tensor, attr: torch.Tensor, y: torch.Tensor,
+                mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name in self.metric_names:
+            # local computation only: every rank holds the same probe batch
+            if name in MODEL_METRICS:
+                metric: Any = DeletionInsertion(model, mode=name, steps=self.steps, substrate=self.substrate,
+                                                sync_on_compute=False)
+                metric.update(x, attr, y)
+            else:
+                metric = (RelevanceMass if name == "mass_in_mask" else PointingGame)(sync_on_compute=False)
+                metric.update(attr, mask)
+            out[name] = metric.per_sample().to(x.device)
+        return out
+
+    # -- output -----------------------------------------------------------------------------------
+    def _caption(self, i: int, result: dict[str, Any]) -> str:
+        assert self.probe is not None
+        y, p = int(self.probe["label"][i]), int(result["pred"][i])
+        prob = float(result["probs"][i, p])
+        return f"true: {self._class_name(y)}\npred: {self._class_name(p)} ({prob:.2f})"
+
+    def _class_name(self, c: int) -> str:
+        return self.class_names[c] if self.class_names and c < len(self.class_names) else str(c)
+
+    def grid(self, result: dict[str, Any]) -> Any:
+        """The overlay grid (a PIL image) of one :meth:`explain` result."""
+        assert self.probe is not None
+        x = self.probe["image"]
+        images = self._denorm(x) if callable(self._denorm) else (x - x.amin()) / (x.amax() - x.amin() + 1e-7)
+        captions = [self._caption(i, result) for i in range(x.shape[0])]
+        return grid_image(images, list(result["maps"].values()), list(result["maps"]), captions, cell=self.cell)
+
+    def _write(self, trainer: pl.Trainer, epoch: int, result: dict[str, Any]) -> None:
+        out_dir = Path(trainer.default_root_dir) / "explanations"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        image = self.grid(result) if self.log_images else None
+        if image is not None:
+            image.save(out_dir / f"epoch_{epoch:03d}.png")
+        for logger in trainer.loggers:
+            if type(logger).__name__ != "WandbLogger":
+                continue
+            if image is not None:
+                logger.log_image(key="explain/grid", images=[image], caption=[f"epoch {epoch}"],
+                                 step=trainer.global_step)
+            if self.log_table:
+                columns, rows = self._table(epoch, result)
+                logger.log_table(key="explain/per_sample", columns=columns, data=rows, step=trainer.global_step)
+
+    def _table(self, epoch: int, result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
+        assert self.probe is not None
+        keys = sorted({k for vals in result["values"].values() for k in vals})
+        rows = []
+        for name, vals in result["values"].items():
+            for i in range(self.probe["image"].shape[0]):
+                p = int(result["pred"][i])
+                rows.append([epoch, i, name, int(self.probe["label"][i]), p, float(result["probs"][i, p]),
+                             *[float(vals[k][i]) if k in vals else None for k in keys]])
+        return ["epoch", "sample", "method", "true", "pred", "prob", *keys], rows
