@@ -117,7 +117,7 @@ def test_num_samples_larger_than_val_set_fails_at_setup(make_cfg) -> None:
 
 
 def test_mask_metrics_on_data_without_masks(make_cfg, tmp_path: Path) -> None:
-    from conftest import write_cifar10
+    from xaudit_testing import write_cifar10
 
     write_cifar10(tmp_path / "data")
     cfg = make_cfg("data=cifar10", "data.num_workers=0", "data.val_size=10", fast=False)

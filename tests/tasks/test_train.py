@@ -19,7 +19,7 @@ from xaudit.tasks.common import instantiate
 from xaudit.tasks.train import build, train
 from xaudit.utils.errors import ConfigError, DataNotFoundError
 
-from conftest import CONF, ROOT, compose_config, write_cifar10
+from xaudit_testing import CONF, ROOT, compose_config, write_cifar10
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
@@ -39,9 +39,10 @@ def test_every_experiment_runs_one_fast_step(experiment: str, make_cfg, tmp_path
     if cfg.data._target_.endswith("CIFAR10DataModule"):
         write_cifar10(Path(cfg.paths.data_dir))
         cfg.data.num_workers = 0
-        cfg.data.val_size = 10
+        cfg.data.val_size = 20
     elif cfg.data._target_.endswith("ShapesDataModule"):
         cfg.data.n_train, cfg.data.n_val, cfg.data.n_test = 64, 32, 32
+    cfg.callbacks.explanation_monitor.num_samples = 8
     out = train(cfg)
     assert "train/loss" in out and out["run_dir"] == str((tmp_path / "run").resolve())
 

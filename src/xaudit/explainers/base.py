@@ -1,0 +1,262 @@
+"""The base every explainer shares: input checks, target handling, grad context, channel reduction.
+
+``Explainer.attribute(x, target, reduce)`` is the one entry point. It checks ``x``, leaves
+inference mode and enables grad (so it works inside Lightning's ``validation_step``), works on
+a private clone of ``x``, calls the method's ``_attribute`` and reduces input channels. Methods
+only implement ``_attribute``; they never call ``.backward()`` (``torch.autograd.grad`` leaves
+``param.grad`` alone), never switch ``model.train()``/``eval()``, and remove their hooks.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from xaudit.utils.errors import ConfigError, unknown_choice
+
+TargetLike = Tensor | int | str | Sequence[int]
+
+# How a per-channel attribution [B,C,H,W] becomes one map [B,H,W].
+REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "sum": lambda a: a.sum(1),
+    "mean": lambda a: a.mean(1),
+    "abs_sum": lambda a: a.abs().sum(1),
+    "max_abs": lambda a: a.abs().amax(1),
+    "max": lambda a: a.amax(1),
+    "l2": lambda a: a.pow(2).sum(1).sqrt(),
+}
+AUTO = "auto"
+
+
+class ExplainerInputError(ValueError):
+    """``x`` or ``target`` has the wrong shape, range or values; the message says how to fix it."""
+
+
+class ExplainerTypeError(TypeError):
+    """``x`` or ``target`` has the wrong type (e.g. uint8 images, float targets)."""
+
+
+class UnsupportedModelError(ValueError):
+    """The method cannot explain this model (e.g. CAM without a GAP→linear head)."""
+
+
+def reduce_channels(attr: Tensor, reduce: str | None) -> Tensor:
+    """Reduce a per-channel attribution [B,C,H,W] to [B,H,W]; ``None`` keeps the channels."""
+    if reduce is None or attr.ndim == 3:
+        return attr
+    if reduce not in REDUCTIONS:
+        raise unknown_choice("reduce", reduce, [*REDUCTIONS, "None"])
+    return REDUCTIONS[reduce](attr)
+
+
+def expected_channels(model: nn.Module) -> int | None:
+    """Input channels of the first conv (the stem), or None when the model has no Conv2d."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    return None
+
+
+def check_input(x: object, model: nn.Module) -> Tensor:
+    """Raise a clear error unless ``x`` is a finite float [B,C,H,W] batch the model accepts."""
+    if not isinstance(x, Tensor):
+        raise ExplainerTypeError(f"x must be a torch.Tensor [B,C,H,W]; got {type(x).__name__}.")
+    if x.ndim != 4:
+        hint = " Add the batch dimension with x.unsqueeze(0)." if x.ndim == 3 else ""
+        raise ExplainerInputError(f"x must have shape [B,C,H,W] (rank 4); got shape {tuple(x.shape)}.{hint}")
+    if not x.is_floating_point():
+        raise ExplainerTypeError(
+            f"x must be a float tensor (the normalised images the model was trained on); got {x.dtype}. "
+            "Convert with x.float() / 255 and apply the training normalisation.")
+    if x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+        raise ExplainerInputError(f"x is empty: shape {tuple(x.shape)}.")
+    chans = expected_channels(model)
+    if chans is not None and x.shape[1] != chans:
+        raise ExplainerInputError(
+            f"x has {x.shape[1]} channels but the model's first conv expects {chans}. "
+            f"Pass images with {chans} channels (grayscale vs RGB?) or build the model with in_chans={x.shape[1]}.")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        rows = torch.nonzero(~finite.flatten(1).all(1)).flatten().tolist()
+        raise ExplainerInputError(
+            f"x holds {bad} non-finite values (NaN/Inf) in sample(s) {rows[:10]}; attributions of such inputs are "
+            "meaningless. Check the data pipeline or drop those samples.")
+    return x
+
+
+class Target:
+    """The class to explain for each sample: given indices, or ``"predicted"`` (argmax of the logits).
+
+    A ``"predicted"`` target is resolved from the first logits a method computes on ``x`` itself,
+    so methods that already run that forward pay nothing extra.
+    """
+
+    def __init__(self, spec: TargetLike, batch: int, device: torch.device) -> None:
+        self.batch = batch
+        self._indices: Tensor | None = None
+        if isinstance(spec, str):
+            if spec != "predicted":
+                raise ExplainerInputError(
+                    f"target={spec!r} is not understood; pass a long tensor [B] of class indices, an int, "
+                    "or 'predicted'.")
+            return
+        if isinstance(spec, bool) or (isinstance(spec, Tensor) and spec.dtype == torch.bool):
+            raise ExplainerTypeError("target must be class indices (int or long tensor), not booleans.")
+        if isinstance(spec, numbers.Integral):
+            idx = torch.full((batch,), int(spec), dtype=torch.long, device=device)
+        elif isinstance(spec, Tensor):
+            if spec.is_floating_point() or spec.is_complex():
+                raise ExplainerTypeError(
+                    f"target must hold integer class indices; got a {spec.dtype} tensor. Use target.long() "
+                    "if these are indices, or target.argmax(1) if they are scores/one-hot rows.")
+            if spec.ndim == 0:
+                spec = spec.expand(batch)
+            if spec.ndim != 1:
+                raise ExplainerInputError(f"target must be 1-D [B]; got shape {tuple(spec.shape)}.")
+            # clone: an inference-mode tensor cannot be saved for backward (gather saves its index)
+            idx = spec.to(device=device, dtype=torch.long).clone()
+        elif isinstance(spec, Sequence) and all(isinstance(v, numbers.Integral) for v in spec):
+            idx = torch.tensor([int(v) for v in spec], dtype=torch.long, device=device)
+        else:
+            raise ExplainerTypeError(
+                f"target must be a long tensor [B], an int, or 'predicted'; got {type(spec).__name__}.")
+        if idx.shape[0] != batch:
+            raise ExplainerInputError(
+                f"target has {idx.shape[0]} entries but x has batch size {batch}; pass one class index per "
+                "sample (or a single int for all).")
+        if bool((idx < 0).any()):
+            raise ExplainerInputError(f"target holds negative class indices {idx[idx < 0].unique().tolist()}.")
+        self._indices = idx
+
+    @property
+    def is_predicted(self) -> bool:
+        """True while a ``"predicted"`` target has not been resolved yet."""
+        return self._indices is None
+
+    def indices(self, logits: Tensor) -> Tensor:
+        """Class index per sample, checked against the number of classes in ``logits`` [B,K]."""
+        if self._indices is None:
+            if logits.shape[0] != self.batch:
+                raise ExplainerInputError(f"internal: 'predicted' resolved on {logits.shape[0]} rows, not {self.batch}.")
+            self._indices = logits.detach().argmax(1)
+        idx = self._indices
+        if bool((idx >= logits.shape[1]).any()):
+            raise ExplainerInputError(
+                f"target holds class index {int(idx.max())} but the model has {logits.shape[1]} classes "
+                f"(valid: 0..{logits.shape[1] - 1}).")
+        return idx
+
+    def select(self, logits: Tensor) -> Tensor:
+        """The target logit of each row (differentiable). ``logits`` [k·B,K] holds k copies of the
+        batch one after the other (k perturbations or path points per sample)."""
+        idx = self.indices(logits)
+        k = logits.shape[0] // self.batch
+        if k * self.batch != logits.shape[0]:
+            raise ExplainerInputError(f"internal: {logits.shape[0]} logits rows for a batch of {self.batch}.")
+        return logits.gather(1, idx.repeat(k)[:, None]).squeeze(1)
+
+    def resolve(self, logits_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+        """Indices, running one no-grad forward on ``x`` only when ``"predicted"`` is unresolved."""
+        if self._indices is None:
+            with torch.no_grad():
+                return self.indices(logits_fn(x))
+        return self._indices
+
+
+@contextmanager
+def explain_mode(model: nn.Module) -> Iterator[None]:
+    """Grad on, inference mode off; buffers of train-mode modules (BN running stats) left as found.
+
+    Lightning runs validation under ``torch.inference_mode()``, where autograd is impossible.
+    A forward in train mode would update BatchNorm statistics: those are copied back afterwards
+    so explaining never changes the model.
+    """
+    training = any(m.training for m in model.modules())
+    with torch.inference_mode(False), torch.enable_grad():
+        saved = [(b, b.clone()) for b in model.buffers()] if training else []
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buf, copy in saved:
+                    buf.copy_(copy)
+
+
+class Explainer:
+    """Base of every explainer: ``attribute(x, target, reduce)`` → float [B,H,W] at input resolution.
+
+    Subclasses implement ``_attribute(x, target)`` returning either a per-channel attribution
+    [B,C,H,W] (reduced with ``reduce``, default :attr:`default_reduce`) or one map [B,H,W].
+    """
+
+    name: ClassVar[str] = ""
+    #: reduction applied when ``reduce="auto"``; None for methods that give a single map.
+    default_reduce: str | None = None
+
+    def __init__(self, model: nn.Module) -> None:
+        if not isinstance(model, nn.Module):
+            raise ExplainerTypeError(f"model must be a torch.nn.Module returning logits; got {type(model).__name__}.")
+        self.model = model
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+    def attribute(self, x: Tensor, target: TargetLike = "predicted", reduce: str | None = AUTO) -> Tensor:
+        """Attribution of ``target`` for the batch ``x`` [B,C,H,W].
+
+        Returns float [B,H,W] (or [B,C,H,W] with ``reduce=None`` for per-channel methods) on
+        ``x.device`` in ``x.dtype``, detached. ``target`` is a long tensor [B], an int, or
+        ``"predicted"``.
+        """
+        check_input(x, self.model)
+        if reduce == AUTO:
+            reduce = self.default_reduce
+        elif reduce is not None and reduce not in REDUCTIONS:
+            raise unknown_choice("reduce", reduce, [*REDUCTIONS, AUTO, "None"])
+        with explain_mode(self.model):
+            xc = x.detach().clone()
+            tgt = Target(target, xc.shape[0], xc.device)
+            attr = self._attribute(xc, tgt)
+            attr = reduce_channels(attr.detach(), reduce).to(dtype=x.dtype)
+        return attr
+
+    def _attribute(self, x: Tensor, target: Target) -> Tensor:
+        raise NotImplementedError
+
+    def _logits(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        if not isinstance(out, Tensor) or out.ndim != 2 or out.shape[0] != x.shape[0]:
+            shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise UnsupportedModelError(
+                f"the model must return logits [B, num_classes] for x [B,C,H,W]; got {shape}. Wrap it so "
+                "forward returns the class scores.")
+        return out
+
+
+def upsample(maps: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear upsampling of [B,h,w] maps to ``size`` (half-pixel centres, like cv2.resize)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def minmax_normalize(maps: Tensor, eps: float = 1e-7) -> Tensor:
+    """Scale each map of [B,H,W] to [0,1] (constant maps become 0)."""
+    flat = maps.flatten(1)
+    lo = flat.amin(1)[:, None, None]
+    hi = flat.amax(1)[:, None, None]
+    return (maps - lo) / (hi - lo + eps)
+
+
+def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an int ≥ ``minimum``, or a ConfigError naming the option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise ConfigError(f"{name} must be an integer ≥{minimum}; got {value!r}.")
+    return int(value)

@@ -1,0 +1,41 @@
+"""Config names → metric classes, so a Hydra config can say ``name: deletion_insertion``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from xaudit.utils.errors import unknown_choice
+
+M = TypeVar("M", bound=type)
+
+_METRICS: dict[str, type] = {}
+
+
+def register_metric(name: str) -> Callable[[M], M]:
+    """Class decorator: make a metric constructible as ``create_metric(name, ...)``."""
+
+    def decorate(cls: M) -> M:
+        if name in _METRICS and _METRICS[name] is not cls:
+            raise ValueError(f"Metric name {name!r} is already registered to {_METRICS[name].__name__}.")
+        _METRICS[name] = cls
+        return cls
+
+    return decorate
+
+
+def metric_names() -> list[str]:
+    """Registered metric names, sorted."""
+    return sorted(_METRICS)
+
+
+def metric_class(name: str) -> type:
+    """The class registered under ``name``; unknown names list the choices."""
+    if name not in _METRICS:
+        raise unknown_choice("metric", name, _METRICS, key="metric.name")
+    return _METRICS[name]
+
+
+def create_metric(name: str, **kwargs: Any) -> Any:
+    """Build the metric registered under ``name`` with its hyper-parameters."""
+    return metric_class(name)(**kwargs)

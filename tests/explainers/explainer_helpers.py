@@ -1,0 +1,80 @@
+"""Tiny models and inputs for the explainer tests, and the per-method settings that keep them fast.
+
+A plain module (imported by the tests; conftest.py turns the shared model cache into a fixture).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from xaudit.models import build_backbone
+
+MODELS = ("small_cnn", "resnet18", "vgg11_bn")
+# vgg11_bn with the CIFAR head (GAP → linear): the ImageNet head is a 100M-parameter MLP that a
+# 2-core CI machine should not build for every test; the feature extractor (inplace ReLUs) is the same.
+MODEL_KW: dict[str, dict[str, Any]] = {"small_cnn": {"width": 8}, "resnet18": {}, "vgg11_bn": {"cifar_stem": True}}
+SIZE = 32  # vgg11_bn and resnet18 (ImageNet stem) need ≥32 px
+
+
+def randomize_batchnorm(model: nn.Module, seed: int = 1) -> nn.Module:
+    """Give every BatchNorm non-trivial statistics and affine parameters.
+
+    Freshly initialised BN (mean 0, var 1, weight 1, bias 0) makes a bias-free conv net positively
+    homogeneous, so gradients are constant along rays and several methods coincide by accident.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.3)
+    return model
+
+
+def make_model(name: str, num_classes: int = 4, **kw: Any) -> nn.Module:
+    """A seeded, eval-mode backbone with randomised BatchNorm."""
+    torch.manual_seed(0)
+    model = build_backbone(name, num_classes, image_size=SIZE, **{**MODEL_KW.get(name, {}), **kw})
+    return randomize_batchnorm(model).eval()
+
+
+_CACHE: dict[str, nn.Module] = {}
+
+
+def shared_model(name: str) -> nn.Module:
+    """A model built once per session; tests must not change it (the contract test checks that
+    explainers do not)."""
+    if name not in _CACHE:
+        _CACHE[name] = make_model(name)
+    return _CACHE[name]
+
+
+def images(n: int = 2, size: int = SIZE, channels: int = 3, seed: int = 0) -> torch.Tensor:
+    """Seeded normalised-looking images [n,C,size,size]."""
+    return torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+# Small hyper-parameters so that every method runs in well under a second on these models.
+FAST_KW: dict[str, dict[str, Any]] = {
+    "integrated_gradients": {"steps": 8},
+    "smoothgrad": {"n": 4},
+    "rise": {"n_masks": 24},
+    "occlusion": {"window": 8, "stride": 8},
+}
+# score_cam forwards one masked image per (sample, channel): use a narrow layer on vgg11_bn
+MODEL_METHOD_KW: dict[tuple[str, str], dict[str, Any]] = {
+    ("vgg11_bn", "score_cam"): {"target_layer": "features.2"},
+    # CAM needs the layer that feeds the GAP: the final max-pool of the CIFAR VGG
+    ("vgg11_bn", "cam"): {"target_layer": "features.28"},
+}
+
+
+def method_kw(method: str, model: str) -> dict[str, Any]:
+    """Fast keyword arguments for ``create(method, <model>, **kw)``."""
+    return {**FAST_KW.get(method, {}), **MODEL_METHOD_KW.get((model, method), {})}
