@@ -66,6 +66,9 @@ FAST_KW: dict[str, dict[str, Any]] = {
     "smoothgrad": {"n": 4},
     "rise": {"n_masks": 24},
     "occlusion": {"window": 8, "stride": 8},
+    # pattern methods refuse to explain before their signal directions are fitted
+    "pattern_net": {"fit_data": images(8, seed=3)},
+    "pattern_attribution": {"fit_data": images(8, seed=3)},
 }
 # score_cam forwards one masked image per (sample, channel): use a narrow layer on vgg11_bn
 MODEL_METHOD_KW: dict[tuple[str, str], dict[str, Any]] = {

@@ -16,7 +16,7 @@ from explainer_helpers import images
 
 EXPECTED = {"saliency", "gradient_x_input", "integrated_gradients", "guided_backprop", "deconvnet", "smoothgrad",
             "cam", "grad_cam", "grad_cam_pp", "score_cam", "guided_grad_cam", "feature_maps", "occlusion", "rise",
-            "random", "sobel"}
+            "random", "sobel", "lrp", "deep_taylor", "deeplift", "deepshap", "pattern_net", "pattern_attribution"}
 
 
 def test_names_lists_every_method() -> None:

@@ -4,7 +4,15 @@
 >>> attr = create("grad_cam", model, target_layer="layer4").attribute(x, target)  # [B,H,W]
 """
 
-from xaudit.explainers import baselines, cam, gradient, perturbation, smoothgrad  # noqa: F401  (registers)
+from xaudit.explainers import (  # noqa: F401  (registers)
+    baselines,
+    cam,
+    gradient,
+    pattern,
+    perturbation,
+    relevance,
+    smoothgrad,
+)
 from xaudit.explainers.base import (
     REDUCTIONS,
     Explainer,
@@ -31,16 +39,24 @@ from xaudit.explainers.gradient import (
     Saliency,
 )
 from xaudit.explainers.hooks import layer_names
+from xaudit.explainers.pattern import PatternAttribution, PatternNet, PatternsNotFittedError
 from xaudit.explainers.perturbation import RISE, Occlusion
 from xaudit.explainers.registry import create, names, register
+from xaudit.explainers.relevance import COMPOSITES, LRP, RULES, DeepLift, DeepShap, DeepTaylor, Rule
 from xaudit.explainers.smoothgrad import SmoothGrad
 
 __all__ = [
     "CAM",
+    "COMPOSITES",
+    "LRP",
     "REDUCTIONS",
     "RISE",
+    "RULES",
     "CAMExplainer",
     "Deconvnet",
+    "DeepLift",
+    "DeepShap",
+    "DeepTaylor",
     "Explainer",
     "ExplainerInputError",
     "ExplainerTypeError",
@@ -52,7 +68,11 @@ __all__ = [
     "GuidedGradCAM",
     "IntegratedGradients",
     "Occlusion",
+    "PatternAttribution",
+    "PatternNet",
+    "PatternsNotFittedError",
     "RandomBaseline",
+    "Rule",
     "Saliency",
     "ScoreCAM",
     "SmoothGrad",
