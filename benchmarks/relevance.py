@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+# the same timing rules as the explainer benchmark beside this file (python benchmarks/relevance.py)
+from explainers import one_pass, timed
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -46,36 +47,6 @@ class Row:
     anchor: Callable[[], object] | None
     anchor_name: str
     heavy: bool = False
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds (after ``warmup`` untimed calls)."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def one_pass(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
-    """The unit of cost: one forward and one backward to the input."""
-
-    def run() -> torch.Tensor:
-        xx = x.detach().clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(model(xx).gather(1, target[:, None]).sum(), xx)
-        return g
-
-    return run
 
 
 class _Copy(nn.Module):
