@@ -64,6 +64,20 @@ def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: 
     return statistics.median(times)
 
 
+def resolve_device(args: argparse.Namespace) -> tuple[torch.device, bool]:
+    """Device, threads and the GPU/CPU default model and size shared by the benchmark scripts."""
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else ("cpu" if args.device == "auto" else args.device))
+    gpu = device.type == "cuda"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.model = args.model or ("resnet50" if gpu else "resnet18")
+    args.size = args.size or (224 if gpu else 32)
+    if gpu:
+        torch.backends.cudnn.benchmark = True
+    return device, gpu
+
+
 def one_pass(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> Callable[[], object]:
     """The unit of cost: one forward and one backward to the input."""
 
@@ -198,20 +212,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    gpu = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.model = args.model or ("resnet50" if gpu else "resnet18")
-    args.size = args.size or (224 if gpu else 32)
+    device, gpu = resolve_device(args)
     args.internal_batch_size = args.internal_batch_size or 4 * args.batch
     args.occlusion_window = args.occlusion_window or max(2, args.size // 4)
     args.rise_masks = args.rise_masks or (1000 if gpu else 200)
     if args.score_cam_layer is None and not gpu and args.model.startswith("resnet") and args.size <= 32:
         args.score_cam_layer = "layer3"
-    if gpu:
-        torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(0)
     model = build_backbone(args.model, args.num_classes, image_size=args.size).to(device).eval()

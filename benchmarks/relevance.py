@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 # the same timing rules as the explainer benchmark beside this file (python benchmarks/relevance.py)
-from explainers import one_pass, timed
+from explainers import one_pass, resolve_device, timed
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -151,16 +151,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
-                          else ("cpu" if args.device == "auto" else args.device))
-    gpu = device.type == "cuda"
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.model = args.model or ("resnet50" if gpu else "resnet18")
-    args.size = args.size or (224 if gpu else 32)
+    device, gpu = resolve_device(args)
     args.internal_batch_size = args.internal_batch_size or 8 * args.batch
-    if gpu:
-        torch.backends.cudnn.benchmark = True
 
     torch.manual_seed(0)
     model = build_backbone(args.model, args.num_classes, image_size=args.size).to(device).eval()

@@ -14,8 +14,7 @@ values equal a single-device run; only rank zero writes images, tables and files
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,24 +26,13 @@ from torch.utils.data import Dataset
 from xaudit.explainers import UnsupportedModelError, create
 from xaudit.explainers import names as explainer_names
 from xaudit.metrics import DeletionInsertion, PointingGame, RelevanceMass, spearman
+from xaudit.metrics.base import evaluating
 from xaudit.reporting.overlays import grid_image
 from xaudit.utils.errors import ConfigError, unknown_choice
 
 MODEL_METRICS = ("deletion", "insertion")
 MASK_METRICS = ("mass_in_mask", "pointing_game")
 METRICS = (*MODEL_METRICS, *MASK_METRICS)
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode for the duration (no dropout RNG, no BN updates), every module's flag restored."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
@@ -175,7 +163,7 @@ class ExplanationMonitor(pl.Callback):
         self._denorm = getattr(dm, "denormalize", None)
         model = self._model(pl_module)
         x = self.probe["image"][:2]
-        with _eval_mode(model):  # dry run: wrong layers / unsupported heads fail now, not at epoch 3
+        with evaluating(model, grad=True):  # dry run: wrong layers / unsupported heads fail now, not at epoch 3
             for name, kw in self.specs.items():
                 explainer = create(name, model, **kw)
                 try:
@@ -216,7 +204,7 @@ class ExplanationMonitor(pl.Callback):
         mask = self.probe.get("mask")
         maps: dict[str, torch.Tensor] = {}
         values: dict[str, dict[str, torch.Tensor]] = {}
-        with _eval_mode(model):
+        with evaluating(model, grad=True):
             with torch.no_grad():
                 probs = model(x).softmax(-1)
             for name, explainer in self.explainers.items():

@@ -217,8 +217,8 @@ def make_substrate(x: Tensor, name: FillLike, blur_sigma: float | None = None) -
 
 # -- running the model ----------------------------------------------------------------------
 @contextmanager
-def evaluating(model: nn.Module) -> Iterator[None]:
-    """Forward passes in eval mode without autograd, restoring every module's mode afterwards.
+def evaluating(model: nn.Module, grad: bool = False) -> Iterator[None]:
+    """Forward passes in eval mode (without autograd unless ``grad``), every module's mode restored.
 
     Eval mode because a metric measures the trained classifier (BatchNorm running statistics, no
     dropout); running perturbed images through BatchNorm in train mode would also overwrite its
@@ -227,7 +227,7 @@ def evaluating(model: nn.Module) -> Iterator[None]:
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             yield
     finally:
         for m, flag in flags:
