@@ -1,0 +1,73 @@
+"""Which pixels ROAR and KAR remove: per-image ranking of attributions with a seeded tie-break.
+
+Hooker et al., "A Benchmark for Interpretability Methods in Deep Neural Networks" (NeurIPS 2019):
+ROAR removes the top ``fraction`` of pixels by attribution, KAR (keep and retrain) removes the
+bottom ``fraction``; both replace them by the per-channel dataset mean and retrain.
+
+Exactly ``round(fraction · H · W)`` pixels are removed in every image. Ties (flat maps, half
+precision) are broken by a random priority that depends only on ``tie_seed`` and the image's
+position, never by pixel position: a position tie-break would remove the top-left first, which
+is itself a (spurious) signal the retrained model could use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from xaudit.utils.errors import ConfigError
+
+MODES: tuple[str, ...] = ("roar", "kar")
+
+
+def check_fractions(fractions: object) -> list[float]:
+    """Fractions as floats, each strictly inside (0, 1) (0 is the unmasked baseline, always run)."""
+    if isinstance(fractions, (int, float)) and not isinstance(fractions, bool):
+        fractions = [fractions]
+    try:
+        values = [float(f) for f in fractions]  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ConfigError(f"roar.fractions={fractions!r} must be a list of numbers in (0, 1), "
+                          "e.g. [0.1,0.3,0.5,0.7,0.9].") from None
+    bad = [f for f in values if not 0.0 < f < 1.0]
+    if bad or not values:
+        raise ConfigError(
+            f"roar.fractions={values} must each lie strictly between 0 and 1 (got {bad or 'an empty list'}): "
+            "a fraction is the share of pixels removed; the unmasked baseline (0) is always included, "
+            "and removing everything (1) leaves nothing to learn.")
+    return sorted(set(values))
+
+
+def removal_order(attr: Tensor, tie_seed: int = 0, offset: int = 0) -> Tensor:
+    """Pixel rank per image, 0 = most important: long [N, H·W] (ties broken at random, seeded).
+
+    ``offset`` is the dataset position of ``attr[0]``, so ranks do not depend on chunking.
+    """
+    n = attr.shape[0]
+    flat = attr.reshape(n, -1).float()
+    p = flat.shape[1]
+    prio = torch.empty(n, p)
+    g = torch.Generator()
+    for i in range(n):  # one generator state per image: independent of batch/chunk composition
+        g.manual_seed(int(tie_seed) * 1_000_003 + offset + i)
+        prio[i] = torch.rand(p, generator=g)
+    shuffle = prio.argsort(dim=1)
+    order_in_shuffle = flat.gather(1, shuffle).argsort(dim=1, descending=True, stable=True)
+    order = shuffle.gather(1, order_in_shuffle)  # pixel ids, most important first
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(p).expand(n, -1))
+    return rank
+
+
+def keep_mask(attr: Tensor, fraction: float, mode: str, tie_seed: int = 0, offset: int = 0,
+              chunk: int = 2048) -> Tensor:
+    """Bool [N,H,W]: True where a pixel is kept after removing ``fraction`` of them (``mode`` roar|kar)."""
+    if mode not in MODES:
+        raise ConfigError(f"mode={mode!r} is unknown; choose one of {list(MODES)}.")
+    n, h, w = attr.shape
+    k = round(float(fraction) * h * w)
+    out = torch.empty(n, h * w, dtype=torch.bool)
+    for s in range(0, n, chunk):
+        rank = removal_order(attr[s:s + chunk], tie_seed, offset + s)
+        out[s:s + chunk] = rank >= k if mode == "roar" else rank < h * w - k
+    return out.view(n, h, w)

@@ -1,0 +1,88 @@
+"""The audit's results log: one JSON line per finished cell, written atomically, read on resume.
+
+Every append rewrites ``results.jsonl`` through a temporary file and ``os.replace`` under an
+exclusive lock, so a SIGKILL at any moment leaves a valid file holding every finished cell, and
+Hydra multirun jobs sharing a directory never lose each other's lines. A rerun reads the
+finished cells and skips them.
+
+The directory also holds ``audit_config.json``: what decides the values of the cells (checkpoint
+hash, data, recipe, ...). A rerun with a different one is refused instead of mixing results;
+what only decides *which* cells exist (methods, fractions, seeds) may grow between runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from xaudit.utils.errors import ConfigError
+from xaudit.utils.io import atomic_write_json, atomic_write_text, locked
+
+
+class ConfigMismatchError(ConfigError):
+    """An audit directory holds results of a different setup; the message lists the differences."""
+
+
+def _plain(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted({*old, *new}):
+            out += _diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
+
+
+class ResultsLog:
+    """``results.jsonl`` + ``audit_config.json`` in ``directory``; cells are dicts with a ``cell`` key."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.dir = Path(directory)
+        self.path = self.dir / "results.jsonl"
+        self.lock = self.dir / ".results.lock"
+
+    def check_config(self, fingerprint: dict[str, Any]) -> None:
+        """Write the fingerprint on first use; refuse a different one later (names the keys)."""
+        path = self.dir / "audit_config.json"
+        fingerprint = _plain(fingerprint)
+        with locked(self.lock):
+            if not path.is_file():
+                atomic_write_json(path, fingerprint)
+                return
+            stored = json.loads(path.read_text())
+        diffs = _diff(stored, fingerprint)
+        if diffs:
+            shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else "")
+            raise ConfigMismatchError(
+                f"{self.dir} already holds audit results of a different setup ({shown}). Refusing to mix "
+                "them: audit into a new directory with out_dir=/some/new/dir, or delete the old one.")
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        """Finished cells by key (a torn last line cannot exist; unparsable lines are an error)."""
+        if not self.path.is_file():
+            return {}
+        cells: dict[str, dict[str, Any]] = {}
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{self.path}:{n} is not valid JSON ({err}); the file was edited by hand? "
+                                 "Fix or delete that line and rerun.") from None
+            cells[record["cell"]] = record
+        return cells
+
+    def append(self, record: dict[str, Any]) -> None:
+        """Add one finished cell atomically (a cell already present is not written twice)."""
+        record = _plain(record)
+        with locked(self.lock):
+            lines = self.path.read_text().splitlines() if self.path.is_file() else []
+            if any(json.loads(line)["cell"] == record["cell"] for line in lines if line.strip()):
+                return
+            lines.append(json.dumps(record, sort_keys=True))
+            atomic_write_text(self.path, "\n".join(lines) + "\n")
