@@ -54,7 +54,7 @@ class TrainedShapes:
 
 @pytest.fixture(scope="session")
 def trained_shapes() -> TrainedShapes:
-    """Train ``small_cnn`` (width 16) for 2 epochs on 1500 shape images on the CPU (≤40 s)."""
+    """Train ``small_cnn`` (width 16) for 3 epochs on 1500 shape images on the CPU (≤40 s)."""
     with one_intra_op_thread():
         return _train_shapes()
 
@@ -66,7 +66,7 @@ def _train_shapes() -> TrainedShapes:
                           eval_batch_size=128, seed=0)
     model = Classifier(backbone={"name": "small_cnn", "width": 16}, num_classes=4, image_size=32,
                        optimizer=functools.partial(torch.optim.AdamW, lr=4e-3))
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_epochs=3, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          limit_val_batches=0)
     trainer.fit(model, dm)
