@@ -69,6 +69,9 @@ FAST_KW: dict[str, dict[str, Any]] = {
     # pattern methods refuse to explain before their signal directions are fitted
     "pattern_net": {"fit_data": images(8, seed=3)},
     "pattern_attribution": {"fit_data": images(8, seed=3)},
+    "lime": {"n_segments": 8, "n_samples": 24},
+    "kernel_shap": {"n_segments": 8, "n_samples": 24},
+    "xrai": {"steps": 4, "n_segments": (4, 8)},
 }
 # score_cam forwards one masked image per (sample, channel): use a narrow layer on vgg11_bn
 MODEL_METHOD_KW: dict[tuple[str, str], dict[str, Any]] = {
@@ -81,3 +84,43 @@ MODEL_METHOD_KW: dict[tuple[str, str], dict[str, Any]] = {
 def method_kw(method: str, model: str) -> dict[str, Any]:
     """Fast keyword arguments for ``create(method, <model>, **kw)``."""
     return {**FAST_KW.get(method, {}), **MODEL_METHOD_KW.get((model, method), {})}
+
+
+_TRAINED: dict[str, Any] = {}
+
+
+def trained_shapes_cnn() -> dict[str, Any]:
+    """A width-8 small CNN trained on 1024 shape images (6 epochs of a plain torch loop, ~3 s on
+    one CPU thread), built once per session, and a held-out split: ``model`` (eval mode),
+    ``images`` [256,3,32,32] normalised, ``labels``, ``masks`` (object masks), ``accuracy``."""
+    if not _TRAINED:
+        from xaudit.data import ShapesDataModule
+
+        dm = ShapesDataModule(num_classes=4, image_size=32, n_train=1024, n_val=1, n_test=256, seed=0)
+        mean, std = torch.tensor(dm.mean).view(1, 3, 1, 1), torch.tensor(dm.std).view(1, 3, 1, 1)
+        train, test = dm.split("train"), dm.split("test")
+        x_train = (train.images.float() / 255 - mean) / std
+        x_test = (test.images.float() / 255 - mean) / std
+        rng = torch.get_rng_state()
+        torch.manual_seed(0)
+        model = build_backbone("small_cnn", 4, image_size=32, width=8)
+        torch.set_rng_state(rng)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        model.train()
+        for _ in range(6):
+            perm = torch.randperm(x_train.shape[0], generator=gen)
+            for i in range(0, x_train.shape[0], 32):
+                idx = perm[i:i + 32]
+                loss = nn.functional.cross_entropy(model(x_train[idx]), train.labels[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        model.eval()
+        for p in model.parameters():
+            p.grad = None
+        with torch.no_grad():
+            accuracy = float((model(x_test).argmax(1) == test.labels).float().mean())
+        _TRAINED.update(model=model, images=x_test, labels=test.labels, masks=test.masks, accuracy=accuracy,
+                        mean=dm.mean, std=dm.std)
+    return _TRAINED

@@ -1,17 +1,24 @@
-"""Explainers: one registry and base for gradient, CAM, perturbation and baseline methods.
+"""Explainers: one registry and base for gradient, CAM, perturbation, relevance, surrogate, region
+and influence methods, the baselines, and activation maximisation (:func:`maximize_activation`).
 
 >>> from xaudit.explainers import create, names
 >>> attr = create("grad_cam", model, target_layer="layer4").attribute(x, target)  # [B,H,W]
 """
 
+import importlib
+from typing import Any
+
 from xaudit.explainers import (  # noqa: F401  (registers)
     baselines,
     cam,
     gradient,
+    influence,
     pattern,
     perturbation,
     relevance,
     smoothgrad,
+    surrogate,
+    xrai,
 )
 from xaudit.explainers.base import (
     REDUCTIONS,
@@ -39,11 +46,20 @@ from xaudit.explainers.gradient import (
     Saliency,
 )
 from xaudit.explainers.hooks import layer_names
+from xaudit.explainers.influence import (
+    InfluenceDirected,
+    InfluenceResult,
+    InternalInfluence,
+    distributional_influence,
+)
 from xaudit.explainers.pattern import PatternAttribution, PatternNet, PatternsNotFittedError
 from xaudit.explainers.perturbation import RISE, Occlusion
 from xaudit.explainers.registry import create, names, register
 from xaudit.explainers.relevance import COMPOSITES, LRP, RULES, DeepLift, DeepShap, DeepTaylor, Rule
+from xaudit.explainers.segmentation import segment
 from xaudit.explainers.smoothgrad import SmoothGrad
+from xaudit.explainers.surrogate import KernelShap, Lime
+from xaudit.explainers.xrai import XRAI
 
 __all__ = [
     "CAM",
@@ -52,6 +68,7 @@ __all__ = [
     "REDUCTIONS",
     "RISE",
     "RULES",
+    "XRAI",
     "CAMExplainer",
     "Deconvnet",
     "DeepLift",
@@ -66,7 +83,12 @@ __all__ = [
     "GradientXInput",
     "GuidedBackprop",
     "GuidedGradCAM",
+    "InfluenceDirected",
+    "InfluenceResult",
     "IntegratedGradients",
+    "InternalInfluence",
+    "KernelShap",
+    "Lime",
     "Occlusion",
     "PatternAttribution",
     "PatternNet",
@@ -79,8 +101,20 @@ __all__ = [
     "SobelBaseline",
     "Target",
     "UnsupportedModelError",
+    "Visualization",
     "create",
+    "distributional_influence",
     "layer_names",
+    "maximize_activation",
     "names",
     "register",
+    "segment",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # activation maximisation loads on first use, so `python -m xaudit.explainers.visualize` runs
+    # its module once (an eager import here would make runpy warn about a second copy)
+    if name in ("Visualization", "maximize_activation"):
+        return getattr(importlib.import_module("xaudit.explainers.visualize"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
