@@ -24,15 +24,17 @@ class ConfigMismatchError(ConfigError):
     """An audit directory holds results of a different setup; the message lists the differences."""
 
 
-def _plain(obj: Any) -> Any:
+def plain_json(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples → lists, other types → str), for comparisons."""
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """``key: old → new`` for every leaf that differs between two nested dicts."""
     if isinstance(old, dict) and isinstance(new, dict):
         out: list[str] = []
         for k in sorted({*old, *new}):
-            out += _diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
+            out += config_diff(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else str(k))
         return out
     return [] if old == new else [f"{prefix}: {old!r} → {new!r}"]
 
@@ -48,13 +50,13 @@ class ResultsLog:
     def check_config(self, fingerprint: dict[str, Any]) -> None:
         """Write the fingerprint on first use; refuse a different one later (names the keys)."""
         path = self.dir / "audit_config.json"
-        fingerprint = _plain(fingerprint)
+        fingerprint = plain_json(fingerprint)
         with locked(self.lock):
             if not path.is_file():
                 atomic_write_json(path, fingerprint)
                 return
             stored = json.loads(path.read_text())
-        diffs = _diff(stored, fingerprint)
+        diffs = config_diff(stored, fingerprint)
         if diffs:
             shown = "; ".join(diffs[:8]) + (f"; ... ({len(diffs)} in all)" if len(diffs) > 8 else "")
             raise ConfigMismatchError(
@@ -79,7 +81,7 @@ class ResultsLog:
 
     def append(self, record: dict[str, Any]) -> None:
         """Add one finished cell atomically (a cell already present is not written twice)."""
-        record = _plain(record)
+        record = plain_json(record)
         with locked(self.lock):
             lines = self.path.read_text().splitlines() if self.path.is_file() else []
             if any(json.loads(line)["cell"] == record["cell"] for line in lines if line.strip()):

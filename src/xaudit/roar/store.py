@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from xaudit.explainers import create
 from xaudit.roar.data import SplitDataModule, TensorSplit
+from xaudit.roar.results import config_diff, plain_json
 from xaudit.utils.errors import ConfigError
 from xaudit.utils.io import atomic_torch_save, atomic_write_json, short_hash
 
@@ -86,13 +87,11 @@ class AttributionStore:
         self.fingerprint = {"method": method, "kwargs": self.kwargs, **fingerprint}
         manifest = self.dir / "manifest.json"
         if manifest.is_file():
-            stored = json.loads(manifest.read_text())
-            if stored != json.loads(json.dumps(self.fingerprint, sort_keys=True, default=str)):
-                diff = sorted(k for k in {*stored, *self.fingerprint}
-                              if stored.get(k) != json.loads(json.dumps(self.fingerprint.get(k), default=str)))
+            diffs = config_diff(json.loads(manifest.read_text()), plain_json(self.fingerprint))
+            if diffs:
                 raise ConfigError(
                     f"The stored attributions in {self.dir} were computed with a different setup "
-                    f"(differs in: {', '.join(diff)}). Delete that folder to recompute them, or audit into "
+                    f"(differs in: {'; '.join(diffs)}). Delete that folder to recompute them, or audit into "
                     "another directory (out_dir=...).")
 
     def split_dir(self, split: str) -> Path:
