@@ -197,9 +197,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
     """Rebuild a :class:`Classifier` from an xaudit checkpoint (weights-only, eval mode)."""
-    ckpt = load_checkpoint(path)
-    info = ckpt.get(CHECKPOINT_KEY)
-    if info is None:
+    return classifier_from_checkpoint(load_checkpoint(path), path).to(map_location).eval()
+
+
+def classifier_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpoint") -> Classifier:
+    """Rebuild the :class:`Classifier` held by a loaded xaudit checkpoint dict (on the CPU)."""
+    info = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    if info is None or "state_dict" not in ckpt:
         raise ValueError(f"{path} is not an xaudit checkpoint (no '{CHECKPOINT_KEY}' entry); "
                          "use a checkpoint written by `python train.py`.")
     hp = dict(info["hparams"])
@@ -207,4 +211,4 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
     model = Classifier(**hp)
     model.load_state_dict(ckpt["state_dict"])
     model.xaudit_info = {k: v for k, v in info.items() if k != "hparams"}
-    return model.to(map_location).eval()
+    return model

@@ -1,0 +1,102 @@
+"""One explainer × many metrics over a whole split, as a LightningModule run by ``trainer.test``.
+
+The audit's ``evaluate`` mode: under DDP every rank explains its own (unpadded) slice of the
+test split and updates the metrics; ``compute()`` reduces the per-sample states exactly once, so
+the table does not depend on the number of devices. Each metric's mean is logged as
+``eval/<metric>`` (returned by ``trainer.test`` in the main process, ``ddp_spawn`` included);
+the mean deletion/insertion curves are written by rank 0 to ``curves_path`` for the plots.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor, nn
+from torchmetrics import SumMetric
+
+from xaudit.explainers import create
+from xaudit.metrics.base import XAuditMetric, update_metric
+from xaudit.metrics.registry import create_metric, metric_class
+from xaudit.models.classifier import unshare_metric_states
+from xaudit.utils.errors import ConfigError
+from xaudit.utils.io import atomic_torch_save
+
+TARGETS: tuple[str, ...] = ("label", "predicted")
+
+
+def check_target_mode(target: str) -> str:
+    """``target`` names which class is explained: the true ``label`` or the ``predicted`` one."""
+    if target not in TARGETS:
+        raise ConfigError(f"target={target!r} is unknown; choose one of {list(TARGETS)} "
+                          "(explain the true class or the model's prediction).")
+    return target
+
+
+def needs_mask(spec: dict[str, Any]) -> bool:
+    """Whether the metric configured by ``spec`` (``{name: ..., **kwargs}``) needs ground-truth masks."""
+    return "mask" in metric_class(str(spec["name"])).update_inputs
+
+
+def build_metrics(specs: dict[str, dict[str, Any]], net: nn.Module) -> dict[str, XAuditMetric]:
+    """``{label: {name: <registered metric>, **kwargs}}`` → metric instances (model given where needed)."""
+    out: dict[str, XAuditMetric] = {}
+    for label, spec in specs.items():
+        if not isinstance(spec, dict) or "name" not in spec:
+            raise ConfigError(f"evaluate.metrics.{label} must be a mapping with a 'name' key (a registered "
+                              f"metric) and its options, e.g. {{name: deletion_insertion, mode: deletion}}; "
+                              f"got {spec!r}.")
+        kwargs = {k: v for k, v in spec.items() if k != "name"}
+        cls = metric_class(str(spec["name"]))
+        if "x" in cls.update_inputs:
+            kwargs["model"] = net
+        try:
+            out[label] = create_metric(str(spec["name"]), **kwargs)
+        except TypeError as err:
+            raise ConfigError(f"evaluate.metrics.{label}: {err}") from None
+    return out
+
+
+class ExplainerEvaluation(pl.LightningModule):
+    """Explains every test batch with one method and feeds the maps to every metric."""
+
+    def __init__(self, net: nn.Module, method: str, kwargs: dict[str, Any], metrics: dict[str, dict[str, Any]],
+                 target: str = "label", curves_path: str | Path | None = None) -> None:
+        super().__init__()
+        self.net = net.eval()
+        self.method = method
+        self.explainer = create(method, self.net, **kwargs)
+        self.metrics = nn.ModuleDict(build_metrics(metrics, self.net))
+        self.target = check_target_mode(target)
+        self.curves_path = None if curves_path is None else str(curves_path)
+        self.seen = SumMetric()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    def setup(self, stage: str) -> None:
+        unshare_metric_states(self)
+
+    def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
+        x, y = batch["image"], batch["label"]
+        if self.target == "predicted":
+            with torch.no_grad():
+                y = self.net(x).argmax(-1)
+        attr = self.explainer.attribute(x, y)
+        for metric in self.metrics.values():
+            update_metric(metric, x=x, attr=attr, target=y, mask=batch.get("mask"))
+        self.seen.update(torch.tensor(float(y.shape[0]), device=x.device))
+
+    def on_test_epoch_end(self) -> None:
+        values = {f"eval/{label}": metric.compute().float() for label, metric in self.metrics.items()}
+        curves = {label: metric.curves().float().mean(0).cpu() for label, metric in self.metrics.items()
+                  if hasattr(metric, "curves")}  # gathered on every rank (a collective), saved by rank 0
+        if self.curves_path and self.trainer.is_global_zero:
+            atomic_torch_save(self.curves_path, {"curves": curves})
+        values["eval/count"] = self.seen.compute().float()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", ".*sync_dist=True.*")
+            self.log_dict(values, sync_dist=False)  # already reduced by Metric.compute()
