@@ -53,6 +53,8 @@ def quiet_lightning() -> Iterator[None]:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*LeafSpec.*")
             warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+            warnings.filterwarnings("ignore", message=".*predict returned None.*")
+            warnings.filterwarnings("ignore", message=".*have no `val_dataloader`.*")
             yield
     finally:
         for lg, level in zip(loggers, levels):
