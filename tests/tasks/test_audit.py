@@ -294,3 +294,21 @@ def test_changed_recipe_refuses_the_roar_directory(ckpt: str, roar_run: dict[str
     out = Path(roar_run["out_dir"]).parent
     with pytest.raises(ConfigMismatchError, match=r"recipe.epochs: 4 → 2"):
         run_audit(ckpt, out, *ROAR, "roar.epochs=2")
+
+
+# -- Hydra multirun: one job per seed, one shared directory -------------------------------------------
+@pytest.mark.slow
+def test_multirun_over_seeds_shares_one_directory_and_report(ckpt: str, tmp_path: Path) -> None:
+    out_dir = tmp_path / "audit"
+    args = [sys.executable, str(ROOT / "audit.py"), "-m", *QUIET, "audit=roar", "explainer=[]",
+            "controls=[random]", "roar.fractions=[0.5]", "roar.epochs=1", "roar.seed=0,1", f"ckpt_path={ckpt}",
+            f"out_dir={out_dir}", f"paths.log_dir={tmp_path / 'logs'}"]
+    proc = subprocess.run(args, cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cells = {r["cell"] for r in read_jsonl(out_dir / "roar" / "results.jsonl")}
+    assert cells == {"roar|baseline|0|0", "roar|random|0.5|0", "roar|baseline|0|1", "roar|random|0.5|1"}
+    summary = json.loads((out_dir / "roar" / "results.json").read_text())
+    assert len(summary["cells"]) == 4, "the last job's report holds both seeds"
+    assert summary["summary"]["rows"][0][1].count("±") == 1, "mean ± std over the two seeds"
+    assert len(list((tmp_path / "logs" / "audit" / "multiruns").glob("*/[01]"))) == 2

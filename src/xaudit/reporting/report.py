@@ -89,6 +89,14 @@ def findings(mode: str, cells: Sequence[dict[str, Any]]) -> list[str]:
             if worse:
                 txt += f" Not better than random: {', '.join(worse)}."
             out.append(txt)
+        for m in dict.fromkeys(r["method"] for r in rows):
+            curve = sorted((r["fraction"], r["test_acc"]) for r in rows if r["method"] == m and r["fraction"] > 0)
+            rises = [(a, b) for (a, va), (b, vb) in zip(curve, curve[1:]) if vb > va + 0.05]
+            if rises:
+                a, b = rises[0]
+                out.append(f"{m}: accuracy rises from {a:.0%} to {b:.0%} removed — the removal pattern itself "
+                           "reveals the class (the retrained model reads the shape of the mask), a known ROAR "
+                           "caveat; compare methods at the smaller fractions.")
     else:
         labels, rows = evaluate_summary(cells)
         model = [c for c in cells if c["method"] == "model"]

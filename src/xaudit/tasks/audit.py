@@ -205,15 +205,17 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"mode": mode, "out_dir": str(out_dir), "mode_dir": str(mode_dir), "cells": cells,
                            "report": {}}
     if _is_writer():
+        # the report shows every cell of this directory (other seeds of a multirun, earlier runs)
+        every = list(ResultsLog(mode_dir).read().values())
         meta = {"checkpoint": str(Path(ckpt_path).resolve()), "data": data_cfg.get("_target_", "?"),
-                "methods": ", ".join(method_key(n, kw) for n, kw in methods.items()), "target": target,
-                "cells": len(cells)}
-        paths = write_report(mode_dir, mode, list(cells.values()), meta)
+                "methods": ", ".join(sorted({c["method_key"] for c in every})), "target": target,
+                "cells": len(every)}
+        paths = write_report(mode_dir, mode, every, meta)
         loggers = instantiate_group(cfg.get("logger"))
         try:
             for lg in loggers:
                 lg.log_hyperparams(plain_config(cfg))
-            log_report(loggers, mode, list(cells.values()), paths)
+            log_report(loggers, mode, every, paths)
         finally:
             _finish_wandb(loggers)
         out["report"] = {k: str(v) for k, v in paths.items()}
