@@ -24,6 +24,7 @@ from xaudit.roar.results import ConfigMismatchError
 from xaudit.tasks.audit import audit
 from xaudit.tasks.train import train
 from xaudit.utils.errors import ConfigError
+
 from xaudit_testing import FAST, ROOT, compose_config
 
 TRAIN = [*[o for o in FAST if not o.startswith("callbacks.")], "callbacks=model_checkpoint",
@@ -226,7 +227,7 @@ def test_missing_checkpoint_names_the_key(tmp_path: Path) -> None:
 
 
 def test_ckpt_path_last_without_training_says_so(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="no checkpoints/last.ckpt"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoints/last\.ckpt"):
         run_audit("last", tmp_path)
 
 
@@ -237,7 +238,7 @@ class Payload:
 def test_unsafe_checkpoint_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "unsafe.ckpt"
     torch.save({"state_dict": {}, "xaudit": {"evil": Payload()}}, path)
-    with pytest.raises(ValueError, match="Refusing to load.*weights_only=True"):
+    with pytest.raises(ValueError, match=r"Refusing to load.*weights_only=True"):
         run_audit(str(path), tmp_path)
 
 
@@ -272,12 +273,12 @@ def test_class_count_mismatch(ckpt: str, tmp_path: Path) -> None:
 
 
 def test_explainer_kwargs_for_a_method_not_audited(ckpt: str, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="explainer_kwargs.gradcam is given"):
+    with pytest.raises(ConfigError, match=r"explainer_kwargs\.gradcam is given"):
         run_audit(ckpt, tmp_path, "+explainer_kwargs.gradcam.target_layer=features")
 
 
 def test_bad_roar_seed(ckpt: str, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="roar.seed="):
+    with pytest.raises(ConfigError, match=r"roar\.seed="):
         run_audit(ckpt, tmp_path, "audit=roar", "roar.seed=abc")
 
 
@@ -312,3 +313,14 @@ def test_multirun_over_seeds_shares_one_directory_and_report(ckpt: str, tmp_path
     assert len(summary["cells"]) == 4, "the last job's report holds both seeds"
     assert summary["summary"]["rows"][0][1].count("±") == 1, "mean ± std over the two seeds"
     assert len(list((tmp_path / "logs" / "audit" / "multiruns").glob("*/[01]"))) == 2
+
+
+def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
+    """`hydra/launcher=slurm` extends hydra-submitit-launcher's submitit_slurm; nodes follow the trainer."""
+    cfg = compose_config(["hydra/launcher=slurm", "trainer=ddp", "trainer.num_nodes=2", "audit=roar"], tmp_path,
+                         config_name="audit")
+    launcher = cfg.hydra.launcher
+    assert launcher._target_ == "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+    assert launcher.nodes == 2 and launcher.timeout_min == 240
+    single = compose_config(["hydra/launcher=slurm"], tmp_path, config_name="audit")
+    assert single.hydra.launcher.nodes == 1, "trainer=default has no num_nodes: one node"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
@@ -91,7 +92,7 @@ def findings(mode: str, cells: Sequence[dict[str, Any]]) -> list[str]:
             out.append(txt)
         for m in dict.fromkeys(r["method"] for r in rows):
             curve = sorted((r["fraction"], r["test_acc"]) for r in rows if r["method"] == m and r["fraction"] > 0)
-            rises = [(a, b) for (a, va), (b, vb) in zip(curve, curve[1:]) if vb > va + 0.05]
+            rises = [(a, b) for (a, va), (b, vb) in itertools.pairwise(curve) if vb > va + 0.05]
             if rises:
                 a, b = rises[0]
                 out.append(f"{m}: accuracy rises from {a:.0%} to {b:.0%} removed — the removal pattern itself "
