@@ -1,21 +1,25 @@
 """ROAR / KAR building blocks (Hooker et al., 2019): tensor splits served on the device, pixel
-removal with a seeded tie-break, attribution shards, and the crash-safe results log.
-
-The ``audit.py`` runner that sweeps (method, fraction, seed) cells on top of these is not built yet.
+removal with a seeded tie-break, attribution shards, the crash-safe results log, and the sweep
+(:class:`RoarSweep`) that retrains one model per (method, fraction, seed) cell on top of them.
+``python audit.py audit=roar|kar`` drives it (:mod:`xaudit.tasks.audit`).
 """
 
 from xaudit.roar.data import DeviceBatches, SplitDataModule, TensorSplit, augment_batch
 from xaudit.roar.masking import MODES, check_fractions, keep_mask, removal_order
 from xaudit.roar.results import ConfigMismatchError, ResultsLog
+from xaudit.roar.runner import Cell, Recipe, RoarSweep, retrain, sweep_cells
 from xaudit.roar.store import AttributionStore, AttributionWriter, method_key
 
 __all__ = [
     "MODES",
     "AttributionStore",
     "AttributionWriter",
+    "Cell",
     "ConfigMismatchError",
     "DeviceBatches",
+    "Recipe",
     "ResultsLog",
+    "RoarSweep",
     "SplitDataModule",
     "TensorSplit",
     "augment_batch",
@@ -23,4 +27,6 @@ __all__ = [
     "keep_mask",
     "method_key",
     "removal_order",
+    "retrain",
+    "sweep_cells",
 ]
