@@ -21,6 +21,7 @@ from xaudit.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_
 
 RETRAIN_MODES = ("roar", "kar")
 BASELINE = "baseline"
+CONTROLS = ("random", "sobel")
 
 
 # -- tables --------------------------------------------------------------------------------------
@@ -35,7 +36,7 @@ def retrain_summary(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (method, fraction): mean/std test accuracy over seeds; the baseline is every method's 0 %."""
     base = [c for c in cells if c["method"] == BASELINE]
     methods = sorted({c["method_key"] for c in cells if c["method"] != BASELINE},
-                     key=lambda m: (m in ("random", "sobel"), m))
+                     key=lambda m: (m in CONTROLS, m))
     rows: list[dict[str, Any]] = []
     for m in methods:
         groups: dict[float, list[float]] = {}
@@ -61,7 +62,15 @@ def evaluate_summary(cells: Sequence[dict[str, Any]]) -> tuple[list[str], list[d
             if label not in labels:
                 labels.append(label)
         rows.append({"method": c["method_key"], **c.get("metrics", {}), "count": c.get("count")})
+    rows.sort(key=lambda r: (r["method"] in CONTROLS, r["method"]))
     return labels, rows
+
+
+def _noise_margin(acc: float, n: int) -> float:
+    """Two binomial standard errors of an accuracy measured on ``n`` images (at least one point)."""
+    if n <= 0 or math.isnan(acc):
+        return 0.01
+    return max(0.01, 2.0 * math.sqrt(max(acc * (1.0 - acc), 1e-12) / n))
 
 
 def findings(mode: str, cells: Sequence[dict[str, Any]]) -> list[str]:
@@ -73,13 +82,18 @@ def findings(mode: str, cells: Sequence[dict[str, Any]]) -> list[str]:
         if base:
             out.append(f"Unmasked baseline: test accuracy {base[0]['test_acc']:.3f}.")
         fractions = sorted({r["fraction"] for r in rows if r["fraction"] > 0})
+        counts: dict[float, int] = {}
+        for c in cells:
+            if c.get("method_key") == "random":
+                counts[float(c["fraction"])] = counts.get(float(c["fraction"]), 0) + int(c.get("test_count") or 0)
         for f in fractions:
             at = {r["method"]: r["test_acc"] for r in rows if r["fraction"] == f}
             if "random" not in at:
                 continue
             verb = "lower" if mode == "roar" else "higher"
-            better = [m for m, v in at.items() if m != "random" and (v < at["random"] if mode == "roar"
-                                                                     else v > at["random"])]
+            margin = _noise_margin(at["random"], counts.get(f, 0))
+            better = [m for m, v in at.items() if m != "random" and (v < at["random"] - margin if mode == "roar"
+                                                                     else v > at["random"] + margin)]
             worse = [m for m in at if m not in better and m != "random"]
             parts = ", ".join(f"{m} {v:.3f}" for m, v in sorted(at.items(), key=lambda kv: kv[1]))
             txt = f"{'Removing' if mode == 'roar' else 'Keeping only'} {f:.0%}: {parts}."
@@ -88,7 +102,7 @@ def findings(mode: str, cells: Sequence[dict[str, Any]]) -> list[str]:
             if better:
                 txt += f" Accuracy {verb} than with random pixels (more informative than random): {', '.join(better)}."
             if worse:
-                txt += f" Not better than random: {', '.join(worse)}."
+                txt += f" Not clearly better than random (within {margin:.3f}): {', '.join(worse)}."
             out.append(txt)
         for m in dict.fromkeys(r["method"] for r in rows):
             curve = sorted((r["fraction"], r["test_acc"]) for r in rows if r["method"] == m and r["fraction"] > 0)

@@ -87,7 +87,7 @@ def sweep_cells(mode: str, methods: dict[str, dict[str, Any]], fractions: Sequen
 
 def retrain(build_model: Callable[[], pl.LightningModule], make_trainer: Callable[..., pl.Trainer],
             recipe: Recipe, train: TensorSplit, test: TensorSplit, keep_train: Tensor | None,
-            keep_test: Tensor | None, seed: int) -> dict[str, float]:
+            keep_test: Tensor | None, seed: int) -> dict[str, Any]:
     """Train a fresh model on the (masked) train split, test it on the (masked) test split."""
     pl.seed_everything(int(seed), workers=True, verbose=False)
     model = build_model()
@@ -99,8 +99,10 @@ def retrain(build_model: Callable[[], pl.LightningModule], make_trainer: Callabl
     trainer = make_trainer("fit", max_epochs=recipe.epochs)
     trainer.fit(model, datamodule=data)
     results = trainer.test(model, datamodule=data, verbose=False)
-    out = {k.replace("test/", "test_"): float(v) for k, v in (results[0] if results else {}).items()}
-    out["world_size"] = float(trainer.world_size)
+    out: dict[str, Any] = {k.replace("test/", "test_"): float(v) for k, v in (results[0] if results else {}).items()}
+    if "test_count" in out:
+        out["test_count"] = int(out["test_count"])
+    out["world_size"] = int(trainer.world_size)
     return out
 
 
