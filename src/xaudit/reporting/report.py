@@ -261,19 +261,7 @@ def write_report(directory: str | Path, mode: str, cells: Sequence[dict[str, Any
     """Write results.csv/json, the plots and report.md/html into ``directory``; return their paths."""
     d = Path(directory)
     cells = sorted(cells, key=lambda c: c["cell"])
-    paths: dict[str, Path] = {}
-    flat = [_flat(c) for c in cells]
-    columns = list(dict.fromkeys(k for row in flat for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(flat)
-    paths["csv"] = d / "results.csv"
-    atomic_write_text(paths["csv"], buf.getvalue())
     header, table = summary_table(mode, cells)
-    paths["json"] = d / "results.json"
-    atomic_write_json(paths["json"], {"mode": mode, "meta": meta, "cells": cells,
-                                      "summary": {"header": header, "rows": table}})
     plots: list[tuple[str, Path]] = []
     if mode in RETRAIN_MODES:
         rows = retrain_summary(cells)
@@ -286,9 +274,29 @@ def write_report(directory: str | Path, mode: str, cells: Sequence[dict[str, Any
         curve = plot_curves(cells, d / "evaluate_curves.png")
         if curve is not None:
             plots.append(("Deletion / insertion curves", curve))
+    return write_tables_report(d, mode, cells, meta, header, table, plots, findings(mode, cells))
+
+
+def write_tables_report(directory: Path, mode: str, cells: Sequence[dict[str, Any]], meta: dict[str, Any],
+                        header: Sequence[str], table: Sequence[Sequence[Any]], plots: Sequence[tuple[str, Path]],
+                        facts: Sequence[str]) -> dict[str, Path]:
+    """results.csv (one row per cell), results.json, report.md and report.html with the plots."""
+    d = Path(directory)
+    paths: dict[str, Path] = {}
+    flat = [_flat(c) for c in cells]
+    columns = list(dict.fromkeys(k for row in flat for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(flat)
+    paths["csv"] = d / "results.csv"
+    atomic_write_text(paths["csv"], buf.getvalue())
+    paths["json"] = d / "results.json"
+    atomic_write_json(paths["json"], {"mode": mode, "meta": meta, "cells": list(cells),
+                                      "summary": {"header": list(header), "rows": [list(r) for r in table]},
+                                      "findings": list(facts)})
     for i, (_, p) in enumerate(plots):
         paths[f"plot{i}"] = p
-    facts = findings(mode, cells)
     meta_rows = [[k, v] for k, v in meta.items()]
     md = [f"# xaudit {mode} report", "", _md_table(["", ""], meta_rows), "", "## Results", "",
           _md_table(header, table), "", "## Findings", "", *[f"- {f}" for f in facts], ""]
@@ -307,9 +315,10 @@ def write_report(directory: str | Path, mode: str, cells: Sequence[dict[str, Any
     return paths
 
 
-def log_report(loggers: Sequence[Any], mode: str, cells: Sequence[dict[str, Any]], paths: dict[str, Path]) -> None:
+def log_report(loggers: Sequence[Any], mode: str, cells: Sequence[dict[str, Any]], paths: dict[str, Path],
+               summary: tuple[Sequence[str], Sequence[Sequence[Any]]] | None = None) -> None:
     """Send the tables (and line plots / images) to the configured loggers (W&B; others get scalars)."""
-    header, table = summary_table(mode, cells)
+    header, table = summary or summary_table(mode, cells)
     for lg in loggers:
         if type(lg).__name__ == "WandbLogger":
             import wandb
@@ -331,7 +340,7 @@ def log_report(loggers: Sequence[Any], mode: str, cells: Sequence[dict[str, Any]
                 if key.startswith("plot"):
                     payload[f"audit/{mode}/{p.stem}"] = wandb.Image(str(p))
             lg.experiment.log(payload)
-        elif hasattr(lg, "log_metrics"):
+        elif hasattr(lg, "log_metrics") and mode in (*RETRAIN_MODES, "evaluate"):
             scalars: dict[str, float] = {}
             if mode in RETRAIN_MODES:
                 for r in retrain_summary(cells):

@@ -12,6 +12,7 @@ change the values (another checkpoint, data, recipe, metrics) is refused with th
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 from collections.abc import Callable
@@ -52,7 +53,7 @@ from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.io import file_sha256
 from xaudit.utils.progress import SweepProgress, quiet_lightning
 
-AUDIT_MODES: tuple[str, ...] = ("evaluate", *RETRAIN_MODES)
+AUDIT_MODES: tuple[str, ...] = ("evaluate", *RETRAIN_MODES, "sanity", "shortcut")
 #: data keys that change how data is served, not what it is (left out of fingerprints)
 SERVING_KEYS = ("batch_size", "eval_batch_size", "num_workers")
 
@@ -178,6 +179,11 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     if mode not in AUDIT_MODES:
         raise unknown_choice("audit mode", mode, AUDIT_MODES, key="audit.mode")
     target = check_target_mode(str(cfg.get("target", "label")))
+    if mode == "shortcut":  # trains its own two models, then audits each (evaluate mode)
+        from xaudit.tasks.shortcut import run_shortcut
+
+        base = Path(str(cfg.out_dir)) if cfg.get("out_dir") else Path(str(cfg.paths.log_dir)) / "audit" / "experiments"
+        return run_shortcut(cfg, _audit, base.expanduser().resolve())
     ckpt_path = resolve_last_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
     if not ckpt_path:
         raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/file.ckpt, or ckpt_path=last for the "
@@ -196,7 +202,11 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     dry_run(classifier.net, methods, test)
     batch_size = int(cfg.get("batch_size") or datamodule.eval_batch_size)
     mode_dir = out_dir / mode
-    if mode == "evaluate":
+    if mode == "sanity":
+        from xaudit.tasks.sanity import run_sanity
+
+        cells = run_sanity(cfg, classifier.net, test, methods, mode_dir, identity, _is_writer())
+    elif mode == "evaluate":
         cells = run_evaluate(cfg, classifier, datamodule, test, methods, identity, mode_dir, make_trainer,
                              batch_size, target)
     else:
@@ -210,12 +220,18 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
         meta = {"checkpoint": str(Path(ckpt_path).resolve()), "data": data_cfg.get("_target_", "?"),
                 "methods": ", ".join(sorted({c["method_key"] for c in every})), "target": target,
                 "cells": len(every)}
-        paths = write_report(mode_dir, mode, every, meta)
+        if mode == "sanity":
+            from xaudit.tasks.sanity import write_sanity_report
+
+            paths = write_sanity_report(mode_dir, every, test, meta)
+        else:
+            paths = write_report(mode_dir, mode, every, meta)
         loggers = instantiate_group(cfg.get("logger"))
         try:
             for lg in loggers:
                 lg.log_hyperparams(plain_config(cfg))
-            log_report(loggers, mode, every, paths)
+            stored = json.loads(paths["json"].read_text())["summary"]
+            log_report(loggers, mode, every, paths, (stored["header"], stored["rows"]))
         finally:
             _finish_wandb(loggers)
         out["report"] = {k: str(v) for k, v in paths.items()}
