@@ -90,3 +90,16 @@ def test_sanity_cascade_table_figure_and_findings(sanity_ckpt: str, tmp_path: Pa
     summary = json.loads((mode_dir / "results.json").read_text())["summary"]
     assert summary["header"][1] == "→fc" and len(summary["rows"]) == 8
     assert "Guided backprop stays more similar" in (mode_dir / "report.md").read_text()
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("sanity.num_images=0", r"sanity\.num_images=0 must lie in \[1, 256\]"),
+    ("sanity.layers=[fc,nope]", r"Unknown layer 'nope' \(sanity\.layers\).*features\.block5"),
+])
+def test_sanity_bad_settings(sanity_ckpt: str, tmp_path: Path, override: str, message: str) -> None:
+    from xaudit.utils.errors import ConfigError
+
+    cfg = compose_config([*QUIET, "experiment=sanity", f"ckpt_path={sanity_ckpt}", f"out_dir={tmp_path}",
+                          "explainer=[saliency]", "controls=[]", override], tmp_path, config_name="audit")
+    with pytest.raises(ConfigError, match=message):
+        audit(cfg)
