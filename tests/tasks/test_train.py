@@ -21,7 +21,8 @@ from xaudit.utils.errors import ConfigError, DataNotFoundError
 
 from xaudit_testing import CONF, ROOT, compose_config, write_cifar10
 
-EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+AUDIT_EXPERIMENTS = ("sanity", "shortcut")  # run by audit.py (tests/tasks/test_experiments.py)
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml") if p.stem not in AUDIT_EXPERIMENTS)
 
 
 def test_default_config_composes_to_the_documented_defaults(tmp_path: Path) -> None:
@@ -45,6 +46,13 @@ def test_every_experiment_runs_one_fast_step(experiment: str, make_cfg, tmp_path
     cfg.callbacks.explanation_monitor.num_samples = 8
     out = train(cfg)
     assert "train/loss" in out and out["run_dir"] == str((tmp_path / "run").resolve())
+
+
+@pytest.mark.parametrize("experiment", AUDIT_EXPERIMENTS)
+def test_train_refuses_an_audit_experiment(experiment: str, make_cfg) -> None:
+    cfg = make_cfg(f"experiment={experiment}")
+    with pytest.raises(ConfigError, match=r"audit experiment.*python audit\.py experiment=<name>"):
+        train(cfg)
 
 
 def test_wandb_offline_run_has_history_and_summary(make_cfg, tmp_path: Path) -> None:

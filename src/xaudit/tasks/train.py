@@ -19,6 +19,7 @@ from xaudit.tasks.common import (
     run_dir,
     seed,
 )
+from xaudit.utils.errors import ConfigError
 
 
 def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Classifier]:
@@ -38,6 +39,10 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, A
     The returned dict holds every logged metric as a float plus ``ckpt_path`` (best checkpoint),
     ``last_ckpt_path`` and ``run_dir``.
     """
+    if cfg.get("audit") is not None:
+        raise ConfigError(
+            f"experiment sets audit.mode={cfg.audit.get('mode')!r}: it is an audit experiment, not a training "
+            "one. Run it with `python audit.py experiment=<name>` (conf/experiment/ holds both kinds).")
     seed(cfg)
     datamodule, model = build(cfg)
     all_callbacks = [*instantiate_group(cfg.get("callbacks")), *callbacks]
