@@ -324,3 +324,21 @@ def test_slurm_launcher_config_composes(tmp_path: Path) -> None:
     assert launcher.nodes == 2 and launcher.timeout_min == 240
     single = compose_config(["hydra/launcher=slurm"], tmp_path, config_name="audit")
     assert single.hydra.launcher.nodes == 1, "trainer=default has no num_nodes: one node"
+
+
+# -- data without masks: CIFAR-10 in its on-disk format ------------------------------------------------
+@pytest.mark.slow
+def test_evaluate_on_data_without_masks_skips_the_mask_metrics(tmp_path: Path) -> None:
+    from xaudit_testing import write_cifar10
+
+    write_cifar10(tmp_path / "data")
+    base = [o for o in FAST if not o.startswith(("callbacks.", "data."))]
+    trained = train(compose_config([*base, "data=cifar10", "data.num_workers=0", "data.val_size=20",
+                                    "data.batch_size=16", "callbacks=model_checkpoint"], tmp_path))
+    with pytest.warns(UserWarning, match=r"no ground-truth masks; skipping \['pointing_game', 'mass_in_mask', "
+                                         r"'mask_iou'\]"):
+        result = run_audit(trained["last_ckpt_path"], tmp_path, "explainer=[saliency]", "controls=[]",
+                           "evaluate.metrics.deletion.steps=4", "evaluate.metrics.insertion.steps=4")
+    cell = result["cells"]["evaluate|saliency"]
+    assert set(cell["metrics"]) == {"deletion", "insertion"} and cell["count"] == 20
+    assert result["cells"]["evaluate|model"]["count"] == 20
