@@ -1,0 +1,79 @@
+"""A catalogue of bad input: each case is an input and the message it must produce — one that names
+the problem and the fix. (More cases live beside their features: tests/tasks/test_audit.py for
+checkpoints and audit settings, tests/explainers/test_inputs.py, tests/metrics/test_metric_errors_*.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from xaudit.data import ShapesDataModule
+from xaudit.explainers import create
+from xaudit.metrics import DeletionInsertion, PointingGame, create_metric
+from xaudit.models.backbones import build_backbone
+from xaudit.tasks.common import instantiate
+
+from xaudit_testing import compose_config
+
+NET = build_backbone("small_cnn", 4, width=8).eval()
+
+
+def x(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.zeros(shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape).to(dtype)
+
+
+def saliency(inp: torch.Tensor, target: object = 0) -> Callable[[], object]:
+    return lambda: create("saliency", NET).attribute(inp, target)
+
+
+CASES: list[tuple[str, Callable[[], object], type[BaseException], str]] = [
+    ("tensor rank 3", saliency(x(3, 32, 32)), ValueError, r"rank 4.*x\.unsqueeze\(0\)"),
+    ("wrong channel count", saliency(x(2, 1, 32, 32)), ValueError, r"1 channels.*expects 3.*in_chans=1"),
+    ("uint8 images", saliency(x(2, 3, 32, 32, dtype=torch.uint8)), TypeError, r"float tensor.*x\.float\(\) / 255"),
+    ("empty batch", saliency(x(0, 3, 32, 32)), ValueError, r"x is empty: shape \(0, 3, 32, 32\)"),
+    ("NaN input", saliency(torch.full((2, 3, 32, 32), float("nan"))), ValueError, r"non-finite.*Check the data"),
+    ("Inf input", saliency(torch.full((1, 3, 32, 32), float("inf"))), ValueError, r"non-finite.*sample\(s\) \[0\]"),
+    ("target out of range", saliency(x(2, 3, 32, 32), 7), ValueError, r"class index 7.*4 classes \(valid: 0\.\.3\)"),
+    ("target of wrong length", saliency(x(2, 3, 32, 32), torch.tensor([0, 1, 2])), ValueError,
+     r"3 entries but x has batch size 2"),
+    ("float target", saliency(x(2, 3, 32, 32), torch.tensor([0.0, 1.0])), TypeError, r"target\.long\(\)"),
+    ("unknown explainer", lambda: create("gradcam", NET), ValueError, r"Did you mean 'grad_cam'.*Choices: cam"),
+    ("unknown explainer option", lambda: create("saliency", NET, foo=1), ValueError, r"'foo'\. Choices: abs"),
+    ("unknown layer", lambda: create("grad_cam", NET, target_layer="nope").attribute(x(1, 3, 32, 32), 0),
+     ValueError, r"Unknown target_layer 'nope'.*Choices: avgpool, fc, features"),
+    ("unknown metric", lambda: create_metric("delet"), ValueError, r"Unknown metric 'delet'.*deletion_insertion"),
+    ("metric steps 0", lambda: DeletionInsertion(NET, steps=0), ValueError, r"steps=0 must be an integer ≥1"),
+    ("negative sigma", lambda: create("smoothgrad", NET, sigma=-1), ValueError, r"sigma must be ≥0"),
+    ("unknown model", lambda: build_backbone("resnet19", 4), ValueError, r"Did you mean 'resnet18'"),
+    ("mask metric without masks", lambda: PointingGame().update(torch.rand(2, 32, 32), None), ValueError,
+     r"needs ground-truth object masks.*data=shapes"),
+    ("spurious_p outside [0,1]", lambda: ShapesDataModule(spurious_p=1.5), ValueError,
+     r"data\.spurious_p=1\.5 must lie in \[0, 1\]"),
+    ("unknown cue", lambda: ShapesDataModule(cue="sky"), ValueError, r"data\.cue='sky' is unknown"),
+]
+
+
+@pytest.mark.parametrize(("case", "call", "exc", "message"), CASES, ids=[c[0] for c in CASES])
+def test_error_catalogue(case: str, call: Callable[[], object], exc: type[BaseException], message: str) -> None:
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_missing_dataset_path_names_the_key(tmp_path: Path) -> None:
+    cfg = compose_config(["data=cifar10", f"data.data_dir={tmp_path / 'nowhere'}"], tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"data\.data_dir"):
+        instantiate(cfg.data).setup("fit")
+
+
+def test_hydra_override_typo_points_at_the_key(tmp_path: Path) -> None:
+    with pytest.raises(ConfigCompositionException, match=r"Could not override 'trainer\.max_epoch'"):
+        compose_config(["trainer.max_epoch=3"], tmp_path)
+
+
+def test_unknown_dataset_group_lists_the_options(tmp_path: Path) -> None:
+    with pytest.raises(MissingConfigException, match=r"(?s)data/cifr10.*Available options.*cifar10"):
+        compose_config(["data=cifr10"], tmp_path)
