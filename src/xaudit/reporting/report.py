@@ -17,10 +17,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xaudit.roar.masking import MODES as RETRAIN_MODES
+from xaudit.roar.runner import BASELINE
 from xaudit.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-RETRAIN_MODES = ("roar", "kar")
-BASELINE = "baseline"
 CONTROLS = ("random", "sobel")
 
 
@@ -132,7 +132,8 @@ def findings(mode: str, cells: Sequence[dict[str, Any]]) -> list[str]:
 
 
 # -- plots ---------------------------------------------------------------------------------------
-def _figure() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -141,17 +142,18 @@ def _figure() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_figure(fig: Any, path: Path) -> Path:
+    """Write ``fig`` as a PNG atomically, close it, return ``path``."""
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    _figure().close(fig)
+    pyplot().close(fig)
     atomic_write_bytes(path, buf.getvalue())
     return path
 
 
 def plot_retrain(mode: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """Test accuracy vs fraction removed, one line per method (error bars: std over seeds)."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in dict.fromkeys(r["method"] for r in rows):
         pts = [r for r in rows if r["method"] == m]
@@ -163,12 +165,12 @@ def plot_retrain(mode: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_title(f"{mode.upper()}: accuracy vs fraction removed")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_evaluate(labels: Sequence[str], rows: Sequence[dict[str, Any]], path: Path) -> Path:
     """One bar group per metric, one bar per method."""
-    plt = _figure()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels) + 2), 4))
     n = max(len(rows), 1)
     width = 0.8 / n
@@ -180,7 +182,7 @@ def plot_evaluate(labels: Sequence[str], rows: Sequence[dict[str, Any]], path: P
     ax.set_title("Explanation quality per method")
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_curves(cells: Sequence[dict[str, Any]], path: Path) -> Path | None:
@@ -189,7 +191,7 @@ def plot_curves(cells: Sequence[dict[str, Any]], path: Path) -> Path | None:
     if not curves:
         return None
     labels = list(dict.fromkeys(lb for _, lb, _ in curves))
-    plt = _figure()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 3.6), squeeze=False)
     for ax, label in zip(axes[0], labels):
         for method, lb, vals in curves:
@@ -200,7 +202,7 @@ def plot_curves(cells: Sequence[dict[str, Any]], path: Path) -> Path | None:
         ax.set_ylabel("p(explained class)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # -- files ---------------------------------------------------------------------------------------

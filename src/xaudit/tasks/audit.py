@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from xaudit.explainers import create
 from xaudit.explainers import names as explainer_names
+from xaudit.metrics.base import evaluating
 from xaudit.metrics.evaluator import (
     ExplainerEvaluation,
     build_metrics,
@@ -41,6 +42,7 @@ from xaudit.roar.results import ResultsLog
 from xaudit.roar.runner import Recipe, RoarSweep
 from xaudit.roar.store import check_store_dtype, method_key
 from xaudit.tasks.common import (
+    finish_wandb,
     instantiate,
     instantiate_group,
     log,
@@ -48,7 +50,6 @@ from xaudit.tasks.common import (
     resolve_last_checkpoint,
     seed,
 )
-from xaudit.tasks.train import _finish_wandb
 from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.io import file_sha256
 from xaudit.utils.progress import SweepProgress, quiet_lightning
@@ -152,14 +153,9 @@ def dry_run(net: torch.nn.Module, methods: dict[str, dict[str, Any]], split: Ten
     """Explain two images with every method now, so a wrong layer or option fails before long loops."""
     x = split.normalise(split.images[:2])
     y = split.labels[:2]
-    flags = [(m, m.training) for m in net.modules()]
-    net.eval()
-    try:
+    with evaluating(net, grad=True):
         for name, kw in methods.items():
             create(name, net, **kw).attribute(x, y)
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 def _is_writer() -> bool:
@@ -233,7 +229,7 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
             stored = json.loads(paths["json"].read_text())["summary"]
             log_report(loggers, mode, every, paths, (stored["header"], stored["rows"]))
         finally:
-            _finish_wandb(loggers)
+            finish_wandb(loggers)
         out["report"] = {k: str(v) for k, v in paths.items()}
         log.info("Audit (%s): %d cells; report %s", mode, len(cells), paths["md"])
     return out

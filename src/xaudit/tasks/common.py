@@ -69,3 +69,12 @@ def seed(cfg: DictConfig) -> None:
     """Seed python, numpy and torch (and dataloader workers) when ``cfg.seed`` is set."""
     if cfg.get("seed") is not None:
         pl.seed_everything(int(cfg.seed), workers=True, verbose=False)
+
+
+def finish_wandb(loggers: list[Any]) -> None:
+    """Close the W&B run so its offline files are complete (and a next run starts fresh)."""
+    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()

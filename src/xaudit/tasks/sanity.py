@@ -106,7 +106,7 @@ def write_sanity_report(mode_dir: Path, cells: list[dict[str, Any]], test: Tenso
     layers = cells[0]["layers"] if cells else []
     header = ["method", *[f"→{name}" for name in layers]]
     table = [[c["method_key"], *[round(v, 4) for v in c["spearman"]]] for c in cells]
-    plt = rep._figure()
+    plt = rep.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for c in cells:
         style = "--" if c["method"] in rep.CONTROLS else "-"
@@ -117,7 +117,7 @@ def write_sanity_report(mode_dir: Path, cells: list[dict[str, Any]], test: Tenso
     ax.axhline(0, color="grey", lw=0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
-    plots = [("Rank correlation as blocks are randomised", rep._save(fig, mode_dir / "sanity_curves.png"))]
+    plots = [("Rank correlation as blocks are randomised", rep.save_figure(fig, mode_dir / "sanity_curves.png"))]
     maps = {c["method_key"]: torch.load(mode_dir / "maps" / f"{c['method_key']}.pt", weights_only=True)["maps"]
             for c in cells if (mode_dir / "maps" / f"{c['method_key']}.pt").is_file()}
     if maps:

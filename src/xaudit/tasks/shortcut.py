@@ -149,7 +149,7 @@ def write_shortcut_report(root: Path, rows: list[dict[str, Any]], models: dict[s
     keys = ["explain/grad_cam/mass_in_mask", "explain/grad_cam/pointing_game", "val/acc"]
     hist = {n: m.get("history") or [] for n, m in models.items()}
     if any(hist.values()):
-        plt = rep._figure()
+        plt = rep.pyplot()
         fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
         for ax, key in zip(axes[0], keys):
             for name, h in hist.items():
@@ -160,5 +160,5 @@ def write_shortcut_report(root: Path, rows: list[dict[str, Any]], models: dict[s
             ax.set_xlabel("epoch")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        plots.append(("Explanation monitor per epoch", rep._save(fig, root / "shortcut_monitor.png")))
+        plots.append(("Explanation monitor per epoch", rep.save_figure(fig, root / "shortcut_monitor.png")))
     return rep.write_tables_report(root, "shortcut", rows, meta, header, table, plots, shortcut_findings(rows, models))

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from xaudit.models.classifier import Classifier
 from xaudit.tasks.common import (
+    finish_wandb,
     instantiate,
     instantiate_group,
     log,
@@ -61,7 +62,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, A
             results = trainer.test(model, datamodule=datamodule, ckpt_path=best or None)
             metrics.update({k: float(v) for k, v in (results[0] if results else {}).items()})
     finally:
-        _finish_wandb(loggers)
+        finish_wandb(loggers)
     out = {**metrics, "ckpt_path": best, "last_ckpt_path": _last_checkpoint(ckpt_cb), "run_dir": str(run_dir(cfg))}
     if trainer.is_global_zero:
         acc = metrics.get("test/acc")
@@ -78,12 +79,3 @@ def _last_checkpoint(ckpt_cb: Any) -> str:
         candidate = Path(ckpt_cb.dirpath) / f"{ckpt_cb.CHECKPOINT_NAME_LAST}{ckpt_cb.FILE_EXTENSION}"
         path = str(candidate) if candidate.is_file() else ""
     return path
-
-
-def _finish_wandb(loggers: list[Any]) -> None:
-    """Close the W&B run so its offline files are complete (and a next run starts fresh)."""
-    if any(type(lg).__name__ == "WandbLogger" for lg in loggers):
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
