@@ -1,6 +1,9 @@
 """A catalogue of bad input: each case is an input and the message it must produce — one that names
-the problem and the fix. (More cases live beside their features: tests/tasks/test_audit.py for
-checkpoints and audit settings, tests/explainers/test_inputs.py, tests/metrics/test_metric_errors_*.)"""
+the problem and the fix. More cases live beside their features: tests/tasks/test_audit.py (missing,
+unsafe, truncated or other-architecture checkpoints, read-only or full output directory, fractions,
+seeds, class counts), tests/tasks/test_train.py (bad values and unknown groups before training),
+tests/data/ (CIFAR files holding code or truncated), tests/utils/test_io.py (disk full while writing),
+tests/explainers/test_inputs.py and tests/metrics/test_metric_errors_*."""
 
 from __future__ import annotations
 
@@ -13,9 +16,12 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from xaudit.data import ShapesDataModule
 from xaudit.explainers import create
-from xaudit.metrics import DeletionInsertion, PointingGame, create_metric
+from xaudit.metrics import DeletionInsertion, MaskIoU, PointingGame, create_metric
+from xaudit.metrics.evaluator import check_target_mode
 from xaudit.models.backbones import build_backbone
+from xaudit.models.classifier import classifier_from_checkpoint, load_checkpoint
 from xaudit.tasks.common import instantiate
+from xaudit.tasks.train import train
 
 from xaudit_testing import compose_config
 
@@ -54,6 +60,32 @@ CASES: list[tuple[str, Callable[[], object], type[BaseException], str]] = [
     ("spurious_p outside [0,1]", lambda: ShapesDataModule(spurious_p=1.5), ValueError,
      r"data\.spurious_p=1\.5 must lie in \[0, 1\]"),
     ("unknown cue", lambda: ShapesDataModule(cue="sky"), ValueError, r"data\.cue='sky' is unknown"),
+    ("unknown metric option", lambda: create_metric("deletion_insertion", model=NET, stepz=3), ValueError,
+     r"Unknown option for metric 'deletion_insertion': 'stepz'\. Did you mean 'steps'"),
+    ("unknown reduce", lambda: create("saliency", NET).attribute(x(1, 3, 32, 32), 0, reduce="maxx"), ValueError,
+     r"Unknown reduce 'maxx'\. Did you mean 'max'"),
+    ("unknown smoothgrad variant", lambda: create("smoothgrad", NET, variant="sg3"), ValueError,
+     r"Unknown smoothgrad variant 'sg3'.*Choices: sg, sg2, vargrad"),
+    ("unknown canonizer", lambda: create("lrp", NET, canonizers=["merge_bn"]), ValueError,
+     r"Did you mean 'merge_batchnorm'"),
+    ("unknown baseline", lambda: create("deeplift", NET, baseline="foo").attribute(x(1, 3, 32, 32), 0), ValueError,
+     r"Unknown baseline 'foo'\. Choices: blur, gray, mean, zero"),
+    ("unknown substrate", lambda: DeletionInsertion(NET, substrate="noise"), ValueError,
+     r"Unknown substrate 'noise'.*Choices: blur, mean, zero"),
+    ("integrated gradients steps 0", lambda: create("integrated_gradients", NET, steps=0), ValueError,
+     r"steps must be an integer ≥1; got 0"),
+    ("smoothgrad n 0", lambda: create("smoothgrad", NET, n=0), ValueError, r"n must be an integer ≥1; got 0"),
+    ("occlusion window 0", lambda: create("occlusion", NET, window=0), ValueError, r"window must be an integer ≥1"),
+    ("mask_iou top_k outside (0,1]", lambda: MaskIoU(top_k=1.5), ValueError, r"top_k=1\.5 must be a fraction in \(0, 1\]"),
+    ("layer without a spatial map for CAM", lambda: create("grad_cam", NET, target_layer="fc").attribute(
+        x(1, 3, 32, 32), 0), ValueError, r"target_layer 'fc' outputs shape \(1, 4\); CAM methods need a \[B,K,h,w\]"),
+    ("map of the wrong size for a metric", lambda: DeletionInsertion(NET).update(
+        x(2, 3, 32, 32), torch.rand(2, 16, 16), torch.tensor([0, 1])), ValueError,
+     r"attribution shape \[2, 16, 16\] does not match the images: expected \[2, 32, 32\].*upsample"),
+    ("not an xaudit checkpoint", lambda: classifier_from_checkpoint({"state_dict": {}}, "x.ckpt"), ValueError,
+     r"x\.ckpt is not an xaudit checkpoint.*python train\.py"),
+    ("unknown audit target", lambda: check_target_mode("truth"), ValueError,
+     r"target='truth' is unknown; choose one of \['label', 'predicted'\]"),
 ]
 
 
@@ -77,3 +109,20 @@ def test_hydra_override_typo_points_at_the_key(tmp_path: Path) -> None:
 def test_unknown_dataset_group_lists_the_options(tmp_path: Path) -> None:
     with pytest.raises(MissingConfigException, match=r"(?s)data/cifr10.*Available options.*cifar10"):
         compose_config(["data=cifr10"], tmp_path)
+
+
+class _Payload:
+    """An arbitrary class: a checkpoint holding it only loads with weights_only=False."""
+
+
+def test_unsafe_checkpoint_is_refused_not_unpickled(tmp_path: Path) -> None:
+    path = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "xaudit": _Payload()}, path)
+    with pytest.raises(ValueError, match=r"Refusing to load .*unsafe\.ckpt.*weights_only=True"):
+        load_checkpoint(path)
+
+
+def test_training_resume_from_a_missing_checkpoint(tmp_path: Path) -> None:
+    cfg = compose_config(["ckpt_path=last", f"paths.log_dir={tmp_path / 'empty'}"], tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no checkpoints/last\.ckpt.*python train\.py"):
+        train(cfg)

@@ -1,11 +1,14 @@
-"""CIFAR10DataModule reads the real python-batch format through torchvision's loader."""
+"""CIFAR10DataModule reads the real python-batch format (torchvision's file list, a safe unpickler)."""
 
 from __future__ import annotations
 
+import os
+import pickle
 from pathlib import Path
 
 import pytest
 import torch
+from torchvision.datasets import CIFAR10
 
 from xaudit.data import CIFAR10DataModule
 from xaudit.tasks.train import train
@@ -40,3 +43,46 @@ def test_missing_cifar_names_key_and_how_to_get_it(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "data.data_dir=" in msg and "nowhere" in msg
     assert "data.download=true" in msg and "cifar-10-python.tar.gz" in msg
+
+
+class _UncheckedCIFAR10(CIFAR10):
+    """torchvision's reader without the md5 checks (the files are written by the test)."""
+
+    def _check_integrity(self) -> bool:
+        return True
+
+    def _load_meta(self) -> None:
+        pass
+
+
+def test_same_images_and_labels_as_torchvisions_reader(tmp_path: Path) -> None:
+    write_cifar10(tmp_path, n_train_per_batch=6, n_test=7)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), val_size=0)
+    images, labels = dm._load(train=True)
+    ref = _UncheckedCIFAR10(str(tmp_path), train=True)  # the reference reader (plain pickle.load; our file)
+    assert torch.equal(images, torch.from_numpy(ref.data).permute(0, 3, 1, 2))
+    assert labels.tolist() == ref.targets
+
+
+class _RunsCode:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch pwned",))
+
+
+def test_a_batch_file_holding_code_is_refused_not_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_cifar10(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
+        pickle.dump({"data": _RunsCode(), "labels": [0]}, f)
+    monkeypatch.chdir(tmp_path)
+    dm = CIFAR10DataModule(data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"Refusing to read .*test_batch.*global posix\.system is not allowed"):
+        dm.setup("test")
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_truncated_batch_file_says_redownload(tmp_path: Path) -> None:
+    write_cifar10(tmp_path)
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"test_batch is truncated or not a CIFAR-10 batch.*re-download"):
+        CIFAR10DataModule(data_dir=str(tmp_path)).setup("test")

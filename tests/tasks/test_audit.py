@@ -166,6 +166,44 @@ def test_killed_audit_resumes_with_every_cell_once_and_same_values(ckpt: str, ro
     assert {k: v["test_acc"] for k, v in result["cells"].items()} == {k: v["test_acc"] for k, v in reference.items()}
 
 
+@pytest.mark.slow
+def test_audit_killed_while_writing_attribution_shards_resumes_them(ckpt: str, roar_run: dict[str, Any],
+                                                                      tmp_path: Path) -> None:
+    """SIGKILL as soon as the first attribution shard exists (before any cell): the rerun keeps the
+    finished shards, computes the rest once, and ends with the reference run's shards and cells."""
+    out_dir = tmp_path / "audit"
+    args = [sys.executable, str(ROOT / "audit.py"), *QUIET, *ROAR, f"ckpt_path={ckpt}", f"out_dir={out_dir}",
+            f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    attr_root = out_dir / "attributions"
+    deadline = time.monotonic() + 300
+    while not list(attr_root.glob("*/*/shard_*.pt")):
+        assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else "audit exited"
+        assert time.monotonic() < deadline, "no shard written in 300 s"
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = {p: p.read_bytes() for p in attr_root.glob("*/*/shard_*.pt")}
+    reference_root = Path(roar_run["out_dir"]) / "attributions"
+    n_reference = len(list(reference_root.glob("*/*/shard_*.pt")))
+    assert 1 <= len(kept) < n_reference, "killed while shards were being written"
+    assert not (out_dir / "roar" / "results.jsonl").is_file() or not read_jsonl(out_dir / "roar" / "results.jsonl")
+
+    result = run_audit(ckpt, tmp_path, *ROAR)
+    shards = sorted(p.relative_to(attr_root) for p in attr_root.glob("*/*/shard_*.pt"))
+    assert shards == sorted(p.relative_to(reference_root) for p in reference_root.glob("*/*/shard_*.pt"))
+    assert all(p.read_bytes() == data for p, data in kept.items()), "finished shards were not rewritten"
+    for rel in shards:
+        a = torch.load(attr_root / rel, weights_only=True)
+        b = torch.load(reference_root / rel, weights_only=True)
+        assert torch.equal(a["index"], b["index"]) and torch.equal(a["attr"], b["attr"]), rel
+    lines = read_jsonl(out_dir / "roar" / "results.jsonl")
+    assert len(lines) == ROAR_CELLS and len({r["cell"] for r in lines}) == ROAR_CELLS
+    assert {k: v["test_acc"] for k, v in result["cells"].items()} == {
+        k: v["test_acc"] for k, v in roar_run["cells"].items()}
+
+
 # -- acceptance 3: evaluate, DDP equals one device --------------------------------------------------
 EVAL = ["audit=evaluate", "evaluate.limit=96", "explainer=[grad_cam]", "controls=[random]",
         "evaluate.metrics.deletion.steps=8", "evaluate.metrics.insertion.steps=8", "batch_size=32"]
@@ -218,6 +256,20 @@ def test_evaluate_rerun_skips_finished_cells(ckpt: str, eval_run: dict[str, Any]
     again = run_audit(ckpt, mode_dir.parents[1], *EVAL)
     assert (mode_dir / "results.jsonl").read_text() == before
     assert again["cells"] == eval_run["cells"]
+
+
+def _without_timings(cells: dict[str, Any]) -> dict[str, Any]:
+    return {k: {f: v for f, v in c.items() if f != "seconds"} for k, c in cells.items()}
+
+
+@pytest.mark.slow
+def test_evaluate_audit_is_bit_reproducible(ckpt: str, eval_run: dict[str, Any], tmp_path: Path) -> None:
+    """A second audit of the same checkpoint into a fresh directory computes every value again and
+    gets the same bits (seeded random control, seeded tie-breaks, no global RNG)."""
+    again = run_audit(ckpt, tmp_path, *EVAL)
+    assert again["out_dir"] != eval_run["out_dir"]
+    assert set(again["cells"]["evaluate|grad_cam"]) - {"seconds"} >= {"metrics", "curves", "count"}
+    assert _without_timings(again["cells"]) == _without_timings(eval_run["cells"])
 
 
 # -- acceptance 5: bad input ------------------------------------------------------------------------
@@ -342,3 +394,53 @@ def test_evaluate_on_data_without_masks_skips_the_mask_metrics(tmp_path: Path) -
     cell = result["cells"]["evaluate|saliency"]
     assert set(cell["metrics"]) == {"deletion", "insertion"} and cell["count"] == 20
     assert result["cells"]["evaluate|model"]["count"] == 20
+
+
+def test_checkpoint_of_another_architecture_is_reported(ckpt: str, tmp_path: Path) -> None:
+    """A checkpoint whose weights do not fit the model its own config describes (edited, or written by
+    other code) is refused with a summary, not Lightning's list of every key."""
+    state = torch.load(ckpt, weights_only=True)
+    state["xaudit"]["hparams"]["backbone"]["width"] = 8
+    path = tmp_path / "other.ckpt"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"does not hold the weights of the model its own config describes "
+                                         r"\(model.backbone.name=small_cnn, model.backbone.width=8\): .*shape "
+                                         r"mismatches \(e.g. net.features.block1.0.weight \(16, 3, 3, 3\) vs"):
+        run_audit(str(path), tmp_path)
+
+
+def test_resuming_training_from_another_architecture_names_both(ckpt: str, tmp_path: Path) -> None:
+    cfg = compose_config([*TRAIN, "model=resnet18", f"ckpt_path={ckpt}"], tmp_path)
+    with pytest.raises(ConfigError, match=r"cannot be resumed by this run: it holds model.backbone.name=small_cnn, "
+                                          r"model.backbone.width=16.*this run builds model.backbone.name=resnet18"):
+        train(cfg)
+
+
+def _drop_dac_override() -> None:
+    """In the child: drop CAP_DAC_OVERRIDE from the bounding set, so even root obeys file modes."""
+    import ctypes
+
+    if ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) != 0:  # PR_CAPBSET_DROP, CAP_DAC_OVERRIDE
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_read_only_output_directory_fails_before_any_work(ckpt: str, tmp_path: Path) -> None:
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    args = [sys.executable, str(ROOT / "audit.py"), *QUIET, f"ckpt_path={ckpt}", f"out_dir={read_only / 'audit'}",
+            f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / 'hydra'}", "hydra.output_subdir=null"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_drop_dac_override if os.geteuid() == 0 else None)
+    assert proc.returncode != 0
+    assert f"Cannot write to {read_only / 'audit'}: it is read-only or not writable" in proc.stderr
+    assert "Pass out_dir=<a writable folder>" in proc.stderr
+    assert not (read_only / "audit").exists()
+
+
+def test_output_disk_without_room_fails_before_any_work(ckpt: str, tmp_path: Path) -> None:
+    with pytest.raises(OSError, match=r"Only \d+ MB free on the disk of .*needs at least 1000000000 MB.*"
+                                      r"out_dir=<a folder on another disk>"):
+        run_audit(ckpt, tmp_path, "min_free_mb=1e9")
+    assert not (tmp_path / "audit" / "evaluate").exists()

@@ -1,12 +1,15 @@
-"""CIFAR-10 through torchvision's real loader (python batches on disk)."""
+"""CIFAR-10 from its python batches on disk (torchvision's file list and downloader, a safe reader)."""
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torchvision.datasets import CIFAR10
+from torchvision.datasets.utils import download_and_extract_archive
 
 from xaudit.data.base import TensorDictDataset, XAuditDataModule
 from xaudit.utils.errors import ConfigError, DataNotFoundError
@@ -16,19 +19,46 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
 
-class _CIFAR10(CIFAR10):
-    """torchvision's CIFAR10 that checks the batch files exist instead of hashing 170 MB each start."""
+# the only globals a genuine CIFAR-10 batch pickle refers to
+_BATCH_GLOBALS = frozenset({("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+                            ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                            ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar")})
 
-    def _check_integrity(self) -> bool:
-        base = Path(self.root) / self.base_folder
-        return all((base / name).is_file() for name, _ in self.train_list + self.test_list)
 
-    def _load_meta(self) -> None:
-        # the class names are fixed; no need to hash or unpickle batches.meta
-        if not (Path(self.root) / self.base_folder / self.meta["filename"]).is_file():
-            raise RuntimeError("batches.meta missing")
-        self.classes = list(CIFAR10_CLASSES)
-        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """An unpickler that builds numpy arrays, lists, dicts and bytes and refuses every other global.
+
+    CIFAR-10's python batches are pickles; a plain ``pickle.load`` of a file from disk can run
+    arbitrary code, so only the globals a genuine batch needs are allowed."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _BATCH_GLOBALS:
+            raise _ForbiddenGlobal(f"global {module}.{name} is not allowed")
+        if module.startswith("numpy.core.") and hasattr(np, "_core"):  # numpy 2 moved numpy.core
+            module = "numpy._core." + module.split(".", 2)[2]
+        return super().find_class(module, name)
+
+
+def read_cifar_batch(path: str | Path) -> dict[str, Any]:
+    """One CIFAR-10 python batch file → ``{"data": uint8 [N,3072], "labels": [N]}``, read with an
+    allow-list unpickler (a file holding anything but arrays and lists is refused, not run)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            entry = _ArraysOnly(f, encoding="latin1").load()
+    except _ForbiddenGlobal as err:
+        raise ValueError(f"Refusing to read {path}: it is not a plain CIFAR-10 batch ({err}). Re-download "
+                         "cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html.") from err
+    except (EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path} is truncated or not a CIFAR-10 batch ({err}); re-download it.") from err
+    labels = entry.get("labels", entry.get("fine_labels")) if isinstance(entry, dict) else None
+    if labels is None or "data" not in entry:
+        raise ValueError(f"{path} is not a CIFAR-10 batch (no 'data'/'labels' entries); re-download it.")
+    return {"data": np.asarray(entry["data"], dtype=np.uint8), "labels": list(labels)}
 
 
 class CIFAR10DataModule(XAuditDataModule):
@@ -51,26 +81,29 @@ class CIFAR10DataModule(XAuditDataModule):
         self.mean, self.std = CIFAR10_MEAN, CIFAR10_STD
         self.class_names = list(CIFAR10_CLASSES)
 
-    def _load(self, train: bool) -> CIFAR10:
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images [N,3,32,32] and labels [N] of the train (5 batches) or test split."""
         root = Path(self.data_dir).expanduser()
-        try:
-            return _CIFAR10(str(root), train=train, download=self.download)
-        except RuntimeError as err:
+        base = root / CIFAR10.base_folder
+        files = [base / name for name, _ in (CIFAR10.train_list if train else CIFAR10.test_list)]
+        if self.download and not all(f.is_file() for f in files):
+            # torchvision's downloader (md5-checked archive); the batches are then read below
+            download_and_extract_archive(CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5)
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
             raise DataNotFoundError(
-                f"CIFAR-10 not found under data.data_dir={str(root)!r} (expected "
-                f"{root / 'cifar-10-batches-py'}/data_batch_1..5 and test_batch). Set data.download=true "
-                "on a machine with internet, or download cifar-10-python.tar.gz from "
-                "https://www.cs.toronto.edu/~kriz/cifar.html and extract it into that folder."
-            ) from err
-
-    @staticmethod
-    def _tensors(ds: CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
-        images = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()
-        return images, torch.tensor(ds.targets, dtype=torch.long)
+                f"CIFAR-10 not found under data.data_dir={str(root)!r} (expected {base}/data_batch_1..5 and "
+                f"test_batch; missing {', '.join(missing)}). Set data.download=true on a machine with internet, "
+                "or download cifar-10-python.tar.gz from https://www.cs.toronto.edu/~kriz/cifar.html and extract "
+                "it into that folder.")
+        batches = [read_cifar_batch(f) for f in files]
+        data = np.concatenate([b["data"] for b in batches]).reshape(-1, 3, 32, 32)
+        labels = [label for b in batches for label in b["labels"]]
+        return torch.from_numpy(np.ascontiguousarray(data)), torch.tensor(labels, dtype=torch.long)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
-            images, labels = self._tensors(self._load(train=True))
+            images, labels = self._load(train=True)
             if not 0 <= self.val_size < len(labels):
                 raise ConfigError(f"data.val_size={self.val_size} must be in [0, {len(labels) - 1}].")
             perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(self.seed))
@@ -81,6 +114,6 @@ class CIFAR10DataModule(XAuditDataModule):
             if self.val_size > 0:
                 self.val_set = TensorDictDataset(images[val_idx], labels[val_idx], self.mean, self.std)
             else:
-                self.val_set = TensorDictDataset(*self._tensors(self._load(train=False)), self.mean, self.std)
+                self.val_set = TensorDictDataset(*self._load(train=False), self.mean, self.std)
         if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = TensorDictDataset(*self._tensors(self._load(train=False)), self.mean, self.std)
+            self.test_set = TensorDictDataset(*self._load(train=False), self.mean, self.std)

@@ -10,6 +10,7 @@ only implement ``_attribute``; they never call ``.backward()`` (``torch.autograd
 from __future__ import annotations
 
 import numbers
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import ClassVar
@@ -170,23 +171,50 @@ class Target:
         return self._indices
 
 
+#: dropout variants switched off while explaining (see :func:`explain_mode`)
+DROPOUT_TYPES: tuple[type[nn.Module], ...] = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+                                               nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
 @contextmanager
 def explain_mode(model: nn.Module) -> Iterator[None]:
-    """Grad on, inference mode off; buffers of train-mode modules (BN running stats) left as found.
+    """Grad on, inference mode off; the model left exactly as found.
 
     Lightning runs validation under ``torch.inference_mode()``, where autograd is impossible.
     A forward in train mode would update BatchNorm statistics: those are copied back afterwards
-    so explaining never changes the model.
+    so explaining never changes the model. Dropout left in train mode would drop different units
+    on every forward (a gradient and a perturbation of the same image would see different
+    networks), so train-mode dropout is switched to eval while explaining — with a warning — and
+    switched back afterwards.
     """
     training = any(m.training for m in model.modules())
+    dropout = [m for m in model.modules() if isinstance(m, DROPOUT_TYPES) and m.training]
+    if dropout:
+        warnings.warn(
+            f"the model has {len(dropout)} dropout module(s) in train mode; they are switched off while "
+            "explaining (restored afterwards) so the maps are deterministic. Call model.eval() to explain "
+            "the inference-time model and silence this warning.", UserWarning, stacklevel=4)
     with torch.inference_mode(False), torch.enable_grad():
         saved = [(b, b.clone()) for b in model.buffers()] if training else []
+        for m in dropout:
+            m.train(False)
         try:
             yield
         finally:
+            for m in dropout:
+                m.train(True)
             with torch.no_grad():
                 for buf, copy in saved:
                     buf.copy_(copy)
+
+
+def compute_dtype(model: nn.Module, x: Tensor) -> torch.dtype:
+    """The dtype to explain in: the model's floating dtype (an fp32 model explains fp16/bf16
+    input in fp32; an fp16 model explains fp32 input in fp16), ``x.dtype`` for a parameter-free model."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return x.dtype
 
 
 class Explainer:
@@ -221,7 +249,9 @@ class Explainer:
         elif reduce is not None and reduce not in REDUCTIONS:
             raise unknown_choice("reduce", reduce, [*REDUCTIONS, AUTO, "None"])
         with explain_mode(self.model):
-            xc = x.detach().clone()
+            # a private copy in the model's dtype: half/bfloat16 input to an fp32 model is explained in
+            # fp32 and the map returned in x.dtype
+            xc = x.detach().to(dtype=compute_dtype(self.model, x), copy=True)
             tgt = Target(target, xc.shape[0], xc.device)
             attr = self._attribute(xc, tgt)
             attr = reduce_channels(attr.detach(), reduce).to(dtype=x.dtype)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from torch import nn
 
 from xaudit.explainers.base import Explainer
-from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.errors import ConfigError, check_options, unknown_choice
 
 E = TypeVar("E", bound=type[Explainer])
 
@@ -44,10 +43,5 @@ def get(name: str) -> type[Explainer]:
 def create(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
     """Build explainer ``name`` for ``model`` with its hyper-parameters as keywords."""
     cls = get(name)
-    params = inspect.signature(cls.__init__).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        allowed = [p for p in params if p not in ("self", "model")]
-        for key in kwargs:
-            if key not in allowed:
-                raise unknown_choice(f"option for explainer {name!r}:", key, allowed)
+    check_options(f"explainer {name!r}", cls, kwargs)
     return cls(model, **kwargs)

@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from xaudit.utils.errors import unknown_choice
+from xaudit.utils.errors import check_options, unknown_choice
+
+#: keyword options every torchmetrics Metric accepts through ``**kwargs``
+TORCHMETRICS_OPTIONS = ("compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",
+                        "distributed_available_fn", "sync_on_compute", "compute_with_cache")
 
 M = TypeVar("M", bound=type)
 
@@ -37,5 +41,7 @@ def metric_class(name: str) -> type:
 
 
 def create_metric(name: str, **kwargs: Any) -> Any:
-    """Build the metric registered under ``name`` with its hyper-parameters."""
-    return metric_class(name)(**kwargs)
+    """Build the metric registered under ``name`` with its hyper-parameters (unknown ones listed)."""
+    cls = metric_class(name)
+    check_options(f"metric {name!r}", cls, kwargs, skip=("self",), extra=TORCHMETRICS_OPTIONS)
+    return cls(**kwargs)

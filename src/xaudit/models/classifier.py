@@ -209,6 +209,28 @@ def classifier_from_checkpoint(ckpt: dict[str, Any], path: str | Path = "checkpo
     hp = dict(info["hparams"])
     hp["backbone"] = {**hp["backbone"], "pretrained": False, "weights_path": None}
     model = Classifier(**hp)
+    problem = state_dict_mismatch(model.state_dict(), ckpt["state_dict"])
+    if problem:
+        raise ValueError(f"{path} does not hold the weights of the model its own config describes "
+                         f"({describe_backbone(hp['backbone'])}): {problem}. The file was edited or written by "
+                         "other code; use a checkpoint written by `python train.py`.")
     model.load_state_dict(ckpt["state_dict"])
     model.xaudit_info = {k: v for k, v in info.items() if k != "hparams"}
     return model
+
+
+def describe_backbone(backbone: dict[str, Any]) -> str:
+    """``model.backbone.name=...`` plus the options that change the weights' shapes."""
+    keys = ("name", "width", "in_chans", "cifar_stem")
+    return ", ".join(f"model.backbone.{k}={backbone[k]}" for k in keys if k in backbone)
+
+
+def state_dict_mismatch(expected: dict[str, torch.Tensor], found: dict[str, Any], show: int = 3) -> str | None:
+    """None when ``found`` has exactly ``expected``'s keys and shapes, else a short description."""
+    missing = [k for k in expected if k not in found]
+    extra = [k for k in found if k not in expected]
+    shapes = [f"{k} {tuple(found[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in found and isinstance(found[k], torch.Tensor) and found[k].shape != v.shape]
+    parts = [f"{len(items)} {what} (e.g. {', '.join(items[:show])})" for what, items in (
+        ("missing tensors", missing), ("unexpected tensors", extra), ("shape mismatches", shapes)) if items]
+    return "; ".join(parts) or None

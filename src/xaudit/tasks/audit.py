@@ -51,7 +51,7 @@ from xaudit.tasks.common import (
     seed,
 )
 from xaudit.utils.errors import ConfigError, unknown_choice
-from xaudit.utils.io import file_sha256
+from xaudit.utils.io import check_writable, file_sha256
 from xaudit.utils.progress import SweepProgress, quiet_lightning
 
 AUDIT_MODES: tuple[str, ...] = ("evaluate", *RETRAIN_MODES, "sanity", "shortcut")
@@ -126,6 +126,11 @@ def audit_dir(cfg: DictConfig, ckpt_path: str) -> Path:
     return (Path(str(cfg.paths.log_dir)) / "audit" / "results" / f"{run}_{p.stem}").resolve()
 
 
+def writable_audit_dir(cfg: DictConfig, ckpt_path: str) -> Path:
+    """:func:`audit_dir`, created and checked writable with ``min_free_mb`` free before any work starts."""
+    return check_writable(audit_dir(cfg, ckpt_path), key="out_dir", min_free_mb=float(cfg.get("min_free_mb", 0)))
+
+
 def trainer_factory(cfg: DictConfig) -> Callable[..., pl.Trainer]:
     """Trainers from the audit's ``trainer`` group: no logger, no checkpoints, Lightning's rich bars.
 
@@ -190,7 +195,7 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(OmegaConf.create(data_cfg))
     check_data_fits(classifier, datamodule, ckpt_path)
     methods = resolve_methods(cfg)
-    out_dir = audit_dir(cfg, ckpt_path)
+    out_dir = writable_audit_dir(cfg, ckpt_path)
     identity = {"checkpoint": file_sha256(ckpt_path), "data": data_identity(data_cfg), "target": target}
     make_trainer = trainer_factory(cfg)
     datamodule.setup("test")

@@ -9,7 +9,13 @@ from typing import Any
 import pytorch_lightning as pl
 from omegaconf import DictConfig
 
-from xaudit.models.classifier import Classifier
+from xaudit.models.classifier import (
+    CHECKPOINT_KEY,
+    Classifier,
+    describe_backbone,
+    load_checkpoint,
+    state_dict_mismatch,
+)
 from xaudit.tasks.common import (
     finish_wandb,
     instantiate,
@@ -53,6 +59,8 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, A
         lg.log_hyperparams(plain_config(cfg))
 
     ckpt_path = resolve_last_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
+    if ckpt_path:
+        check_resumable(ckpt_path, model)
     try:
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -70,6 +78,20 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, A
         log.info("Checkpoint: %s", best or "(none written)")
         log.info("Run directory: %s", out["run_dir"])
     return out
+
+
+def check_resumable(ckpt_path: str, model: Classifier) -> None:
+    """Refuse to resume from a checkpoint of another architecture, naming both (before Lightning
+    fails with a list of state-dict keys)."""
+    ckpt = load_checkpoint(ckpt_path)
+    problem = state_dict_mismatch(model.state_dict(), ckpt.get("state_dict") or {})
+    if problem:
+        info = ckpt.get(CHECKPOINT_KEY) or {}
+        was = describe_backbone(info["hparams"]["backbone"]) if "hparams" in info else "another model"
+        raise ConfigError(
+            f"ckpt_path={ckpt_path} cannot be resumed by this run: it holds {was}, but this run builds "
+            f"{describe_backbone(model.hparams['backbone'])} ({problem}). Pass the model options it was trained "
+            "with (they are in the checkpoint's run directory, .hydra/config.yaml) or another ckpt_path.")
 
 
 def _last_checkpoint(ckpt_cb: Any) -> str:

@@ -7,7 +7,9 @@ They subclass the built-in types a caller would expect (``ValueError`` for bad s
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+import inspect
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -29,3 +31,20 @@ def unknown_choice(kind: str, name: object, choices: Iterable[str], key: str | N
     hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     where = f" ({key})" if key else ""
     return ConfigError(f"Unknown {kind} {name!r}{where}.{hint} Choices: {', '.join(choices)}.")
+
+
+def check_options(kind: str, cls: type, kwargs: Mapping[str, Any], skip: Iterable[str] = ("self", "model"),
+                  extra: Iterable[str] = ()) -> None:
+    """Refuse keyword options ``cls.__init__`` does not name (plus ``extra``), listing the valid ones.
+
+    ``**kwargs`` in the signature is not a licence for any name: it usually forwards to a base class
+    whose options are passed as ``extra``; with no ``extra`` such a class is not checked."""
+    params = inspect.signature(cls.__init__).parameters
+    open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if open_ended and not extra:
+        return
+    own = [n for n, p in params.items() if n not in set(skip) and p.kind not in (
+        inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)]
+    for key in kwargs:
+        if key not in own and key not in set(extra):
+            raise unknown_choice(f"option for {kind}:", key, own)

@@ -8,11 +8,13 @@ one machine (Hydra multirun jobs sharing an audit directory).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,22 +29,72 @@ def _umask() -> int:
     return mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (fsynced temp file + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+class OutputDirError(OSError):
+    """An output folder cannot be written (read-only, no permission, or full); says which and what to do."""
+
+
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def output_errors(path: str | Path, key: str = "out_dir") -> Iterator[None]:
+    """Turn a read-only / permission / disk-full ``OSError`` raised while writing under ``path`` into an
+    :class:`OutputDirError` that names the folder, the cause and the fix (``key=<another folder>``)."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        yield
+    except OutputDirError:
         raise
+    except OSError as e:
+        if e.errno in _READ_ONLY:
+            raise OutputDirError(e.errno, f"Cannot write to {path}: it is read-only or not writable by this user "
+                                 f"({os.strerror(e.errno)}). Pass {key}=<a writable folder>, or fix its "
+                                 "permissions.") from e
+        if e.errno in _FULL:
+            raise OutputDirError(e.errno, f"No space left writing to {path} ({os.strerror(e.errno)}). Free disk "
+                                 f"space or pass {key}=<a folder on another disk>; files already written are "
+                                 "complete (atomic writes) and a rerun resumes.") from e
+        raise
+
+
+def check_writable(folder: str | Path, key: str = "out_dir", min_free_mb: float = 0.0) -> Path:
+    """Create ``folder`` if needed and prove it writable (a probe file) with ``min_free_mb`` free, before a
+    long job starts rather than when its first result is due. Returns the resolved folder."""
+    folder = Path(folder).expanduser().resolve()
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputDirError(errno.ENOTDIR, f"Cannot create {folder}: {existing} is a file, not a folder. "
+                             f"Pass {key}=<a folder path>.")
+    with output_errors(folder, key):
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / ".xaudit_write_probe", b"ok")
+        (folder / ".xaudit_write_probe").unlink()
+    free_mb = shutil.disk_usage(folder).free / 2**20
+    if free_mb < min_free_mb:
+        raise OutputDirError(errno.ENOSPC, f"Only {free_mb:.0f} MB free on the disk of {folder}; this job needs "
+                             f"at least {min_free_mb:.0f} MB. Free disk space, pass {key}=<a folder on another "
+                             "disk>, or lower min_free_mb.")
+    return folder
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (fsynced temp file + rename); a read-only or full disk
+    raises :class:`OutputDirError` naming the folder."""
+    path = Path(path)
+    with output_errors(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
