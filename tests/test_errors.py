@@ -84,6 +84,8 @@ CASES: list[tuple[str, Callable[[], object], type[BaseException], str]] = [
      r"attribution shape \[2, 16, 16\] does not match the images: expected \[2, 32, 32\].*upsample"),
     ("not an xaudit checkpoint", lambda: classifier_from_checkpoint({"state_dict": {}}, "x.ckpt"), ValueError,
      r"x\.ckpt is not an xaudit checkpoint.*python train\.py"),
+    ("noise radius ≤ 0", lambda: create_metric("max_sensitivity", model=NET, radius=0), ValueError,
+     r"radius=0 must be a number > 0"),
     ("unknown audit target", lambda: check_target_mode("truth"), ValueError,
      r"target='truth' is unknown; choose one of \['label', 'predicted'\]"),
 ]

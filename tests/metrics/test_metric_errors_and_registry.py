@@ -96,8 +96,8 @@ def test_targets_and_images_are_checked(tiny_cnn, batch):
 
 
 def test_registry_builds_every_metric_by_name(tiny_cnn):
-    assert metric_names() == ["completeness", "deletion_insertion", "faithfulness_correlation", "mask_iou",
-                              "pointing_game", "relevance_mass", "sanity_check"]
+    assert metric_names() == ["completeness", "deletion_insertion", "faithfulness_correlation", "local_lipschitz",
+                              "mask_iou", "max_sensitivity", "pointing_game", "relevance_mass", "sanity_check"]
     m = create_metric("deletion_insertion", model=tiny_cnn, mode="insertion", steps=8)
     assert isinstance(m, DeletionInsertion) and m.mode == "insertion" and m.steps == 8
     assert isinstance(create_metric("pointing_game", tolerance=2), PointingGame)

@@ -7,7 +7,8 @@ p = PointingGame(tolerance=0)
 p.update(attr, mask); p.compute()
 m = create_metric("faithfulness_correlation", model=model, nr_runs=50)
 ```
-Model-based metrics take ``update(x, attr, target)``, localisation metrics ``update(attr, mask)``;
+Model-based metrics take ``update(x, attr, target)``, localisation metrics ``update(attr, mask)``,
+robustness metrics (MaxSensitivity, LocalLipschitz) ``update(x, attr, target, explainer)``;
 :func:`update_metric` calls either from a batch's pieces.
 """
 
@@ -21,13 +22,16 @@ from xaudit.metrics.perturbation import (
 )
 from xaudit.metrics.randomisation import SanityCheck, randomise_, spearman, ssim
 from xaudit.metrics.registry import create_metric, metric_class, metric_names, register_metric
+from xaudit.metrics.robustness import LocalLipschitz, MaxSensitivity
 
 __all__ = [
     "SUBSTRATES",
     "Completeness",
     "DeletionInsertion",
     "FaithfulnessCorrelation",
+    "LocalLipschitz",
     "MaskIoU",
+    "MaxSensitivity",
     "PointingGame",
     "RelevanceMass",
     "SanityCheck",

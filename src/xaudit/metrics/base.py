@@ -9,7 +9,8 @@ Two update signatures, one per family (``update_inputs`` names them for generic 
 
 - metrics that run the model: ``update(x, attr, target)`` — ``x`` [B,C,H,W] normalised images,
   ``attr`` [B,H,W] per-pixel attributions, ``target`` long [B] explained class;
-- localisation metrics: ``update(attr, mask)`` — ``mask`` bool [B,H,W] ground-truth object.
+- localisation metrics: ``update(attr, mask)`` — ``mask`` bool [B,H,W] ground-truth object;
+- robustness metrics: ``update(x, attr, target, explainer)`` — they re-explain noisy copies of ``x``.
 
 :func:`update_metric` dispatches a batch to either kind by those names.
 """
@@ -105,13 +106,14 @@ def update_metric(
     attr: Tensor | None = None,
     target: Tensor | None = None,
     mask: Tensor | None = None,
+    explainer: Any = None,
 ) -> None:
     """Update any xaudit metric from a batch's pieces, passing only what it needs.
 
     Lets an audit loop treat model-based and localisation metrics alike; a localisation metric
     on data without masks fails here with an error that names the fix.
     """
-    given = {"x": x, "attr": attr, "target": target, "mask": mask}
+    given = {"x": x, "attr": attr, "target": target, "mask": mask, "explainer": explainer}
     args = {}
     for name in metric.update_inputs:
         if given[name] is None:

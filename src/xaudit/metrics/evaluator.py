@@ -87,7 +87,7 @@ class ExplainerEvaluation(pl.LightningModule):
                 y = self.net(x).argmax(-1)
         attr = self.explainer.attribute(x, y)
         for metric in self.metrics.values():
-            update_metric(metric, x=x, attr=attr, target=y, mask=batch.get("mask"))
+            update_metric(metric, x=x, attr=attr, target=y, mask=batch.get("mask"), explainer=self.explainer)
         self.seen.update(torch.tensor(float(y.shape[0]), device=x.device))
 
     def on_test_epoch_end(self) -> None:

@@ -1,0 +1,138 @@
+"""Explanation robustness: how much a map changes when the input barely does.
+
+- :class:`MaxSensitivity` (Yeh et al., 2019, "On the (in)fidelity and sensitivity of
+  explanations"): ``max_j ||Φ(x+δ_j) − Φ(x)||_F / ||Φ(x)||_F`` with δ_j ~ U(−r, r) per element;
+- :class:`LocalLipschitz` (Alvarez-Melis & Jaakkola, 2018, "On the robustness of interpretability
+  methods"): ``max_j ||Φ(x+δ_j) − Φ(x)||_2 / ||δ_j||_2`` with δ_j ~ N(0, σ²).
+
+Both follow Quantus' definitions (``quantus.MaxSensitivity`` / ``LocalLipschitzEstimate`` with
+``normalise=False, abs=False``) and give the same values on the same noise (tests/metrics/
+test_robustness.py). Lower is more robust. The explanation of the same target is recomputed on all
+``n`` noisy copies of a batch in chunks of ``internal_batch_size`` images; the noise comes from a
+generator seeded by ``seed`` and each image's own bits (the explainers' ``image_seeds``), so values
+are bit-reproducible, independent of batch composition and DDP rank, and the global RNG is untouched.
+``update(x, attr, target, explainer)``: the explainer that produced ``attr`` (the audit and the
+monitor pass it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from xaudit.explainers.base import Explainer
+from xaudit.explainers.baselines import image_seeds
+from xaudit.metrics.base import (
+    ModelHolder,
+    XAuditMetric,
+    check_attribution,
+    check_images,
+    check_positive_int,
+    check_target,
+    evaluating,
+)
+from xaudit.metrics.registry import register_metric
+from xaudit.utils.errors import ConfigError
+
+#: added to denominators, as Quantus does (a constant map then has sensitivity 0, not 0/0)
+EPS = 1e-10
+
+
+def check_positive_float(value: Any, key: str) -> float:
+    """A noise scale that must be a finite number > 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
+        raise ConfigError(f"{key}={value!r} must be a number > 0 (the noise scale, in the units of the "
+                          "normalised images; e.g. 0.05).")
+    return float(value)
+
+
+class _Robustness(ModelHolder, XAuditMetric):
+    """Shared Monte-Carlo loop: draw noise, re-explain, keep the max ratio per image."""
+
+    higher_is_better: ClassVar[bool] = False
+    update_inputs: ClassVar[tuple[str, ...]] = ("x", "attr", "target", "explainer")
+    noise_key: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, n: int = 10, seed: int = 0, internal_batch_size: int = 64,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._hold(model)
+        self.n = check_positive_int(n, "n")
+        self.seed = int(seed)
+        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+
+    def noise(self, x: Tensor) -> Tensor:
+        """The ``n`` perturbations [n,B,C,H,W] of ``x`` (same seed and image → same noise)."""
+        out = torch.empty((self.n, *x.shape), dtype=x.dtype, device=x.device)
+        g = torch.Generator(device=x.device)
+        for i, s in enumerate(image_seeds(x, self.seed)):
+            g.manual_seed(s)
+            out[:, i] = self._draw(out[:, i].shape, g, x)
+        return out
+
+    def _draw(self, shape: torch.Size, g: torch.Generator, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _ratio(self, diff: Tensor, attr: Tensor, delta: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def update(self, x: Tensor, attr: Tensor, target: Tensor, explainer: Explainer,
+               noise: Tensor | None = None) -> None:
+        """Score a batch; ``noise`` [n,B,C,H,W] replaces the seeded draws (parity tests)."""
+        name = type(self).__name__
+        check_images(x, name)
+        check_attribution(attr, name, x)
+        check_target(target, x.shape[0], name)
+        if not isinstance(explainer, Explainer):
+            raise ValueError(f"{name}.update needs the explainer that produced attr (an xaudit Explainer, "
+                             f"e.g. create('saliency', model)); got {type(explainer).__name__}.")
+        delta = self.noise(x) if noise is None else noise.to(x)
+        if delta.ndim != 5 or tuple(delta.shape[1:]) != tuple(x.shape):
+            raise ValueError(f"{name}: noise must be [n,B,C,H,W] with [B,C,H,W]={list(x.shape)}; "
+                             f"got {list(delta.shape)}.")
+        n, b = delta.shape[:2]
+        noisy = (x[None] + delta).flatten(0, 1)
+        targets = target.repeat(n)
+        maps = []
+        with evaluating(self.model, grad=True):
+            for i in range(0, noisy.shape[0], self.internal_batch_size):
+                maps.append(explainer.attribute(noisy[i:i + self.internal_batch_size],
+                                                targets[i:i + self.internal_batch_size]).float())
+        perturbed = torch.cat(maps).view(n, b, -1)
+        diff = perturbed - attr.float().flatten(1)[None]
+        ratios = self._ratio(diff, attr.float().flatten(1)[None], delta.float().flatten(2))  # [n,B]
+        self._add_values(ratios.amax(0))
+
+
+@register_metric("max_sensitivity")
+class MaxSensitivity(_Robustness):
+    """Max relative change of the map under uniform noise of radius ``radius`` (Yeh et al., 2019)."""
+
+    def __init__(self, model: nn.Module, radius: float = 0.05, n: int = 10, seed: int = 0,
+                 internal_batch_size: int = 64, **kwargs: Any) -> None:
+        super().__init__(model, n=n, seed=seed, internal_batch_size=internal_batch_size, **kwargs)
+        self.radius = check_positive_float(radius, "radius")
+
+    def _draw(self, shape: torch.Size, g: torch.Generator, x: Tensor) -> Tensor:
+        return (torch.rand(shape, generator=g, device=x.device, dtype=x.dtype) * 2 - 1) * self.radius
+
+    def _ratio(self, diff: Tensor, attr: Tensor, delta: Tensor) -> Tensor:
+        return diff.norm(dim=-1) / (attr.norm(dim=-1) + EPS)
+
+
+@register_metric("local_lipschitz")
+class LocalLipschitz(_Robustness):
+    """Max ||ΔΦ|| / ||Δx|| under Gaussian noise of std ``sigma`` (Alvarez-Melis & Jaakkola, 2018)."""
+
+    def __init__(self, model: nn.Module, sigma: float = 0.1, n: int = 10, seed: int = 0,
+                 internal_batch_size: int = 64, **kwargs: Any) -> None:
+        super().__init__(model, n=n, seed=seed, internal_batch_size=internal_batch_size, **kwargs)
+        self.sigma = check_positive_float(sigma, "sigma")
+
+    def _draw(self, shape: torch.Size, g: torch.Generator, x: Tensor) -> Tensor:
+        return torch.randn(shape, generator=g, device=x.device, dtype=x.dtype) * self.sigma
+
+    def _ratio(self, diff: Tensor, attr: Tensor, delta: Tensor) -> Tensor:
+        return diff.norm(dim=-1) / (delta.norm(dim=-1) + EPS)
