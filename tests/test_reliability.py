@@ -10,12 +10,7 @@ tests, for cells and attribution shards: tests/tasks/test_audit.py.)
 from __future__ import annotations
 
 import ast
-import os
 import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +24,7 @@ from xaudit.models.backbones import build_backbone
 from xaudit.models.classifier import load_checkpoint
 from xaudit.tasks.train import train
 
-from xaudit_testing import FAST, ROOT, compose_config
+from xaudit_testing import FAST, ROOT, compose_config, kill_when
 
 # -- SIGKILL during training --------------------------------------------------------------------
 TRAIN = [*[o for o in FAST if not o.startswith("callbacks.")], "callbacks=model_checkpoint", "test=false"]
@@ -39,17 +34,8 @@ TRAIN = [*[o for o in FAST if not o.startswith("callbacks.")], "callbacks=model_
 def test_killed_training_resumes_from_last_checkpoint(tmp_path: Path) -> None:
     epochs = 4
     log_dir = tmp_path / "logs"
-    args = [sys.executable, str(ROOT / "train.py"), *TRAIN, f"trainer.max_epochs={epochs}",
-            f"paths.log_dir={log_dir}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 300
-    while not list(log_dir.glob("train/**/checkpoints/last.ckpt")):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else "train exited"
-        assert time.monotonic() < deadline, "no checkpoint in 300 s"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("train.py", [*TRAIN, f"trainer.max_epochs={epochs}", f"paths.log_dir={log_dir}"], tmp_path,
+              lambda: bool(list(log_dir.glob("train/**/checkpoints/last.ckpt"))), "no checkpoint", poll=0.05)
     killed = load_checkpoint(next(log_dir.glob("train/**/checkpoints/last.ckpt")))
     assert killed["epoch"] < epochs - 1, "killed before the last epoch"
 

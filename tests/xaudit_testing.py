@@ -8,7 +8,11 @@ from __future__ import annotations
 
 import os
 import pickle
-from collections.abc import Sequence
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +93,22 @@ def write_image_folder(root: Path, classes: Sequence[str] = ("cat", "dog", "fox"
             for i in range(per_class):
                 Image.fromarray(rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)).save(d / f"{i}.png")
     return root
+
+
+def kill_when(script: str, args: Sequence[str], cwd: Path, ready: Callable[[], bool], what: str,
+              timeout: float = 300.0, poll: float = 0.02) -> None:
+    """Run ``python <script> <args>`` (offline W&B) and SIGKILL it as soon as ``ready()`` holds.
+
+    Fails with the process' stderr if it exits first, or with ``what`` if ``ready`` never holds."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / script), *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else f"{script} exited"
+            assert time.monotonic() < deadline, f"{what} in {timeout:.0f} s"
+            time.sleep(poll)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,7 @@ from xaudit.tasks.audit import audit
 from xaudit.tasks.train import train
 from xaudit.utils.errors import ConfigError
 
-from xaudit_testing import FAST, ROOT, compose_config
+from xaudit_testing import FAST, ROOT, compose_config, kill_when
 
 TRAIN = [*[o for o in FAST if not o.startswith("callbacks.")], "callbacks=model_checkpoint",
          "data.n_train=1200", "data.n_test=300", "++model.backbone.width=16", "trainer.max_epochs=4"]
@@ -143,18 +141,11 @@ def test_kar_end_to_end_reuses_the_attribution_shards(ckpt: str, roar_run: dict[
 def test_killed_audit_resumes_with_every_cell_once_and_same_values(ckpt: str, roar_run: dict[str, Any],
                                                                    tmp_path: Path) -> None:
     out_dir = tmp_path / "audit"
-    args = [sys.executable, str(ROOT / "audit.py"), *QUIET, *ROAR, f"ckpt_path={ckpt}", f"out_dir={out_dir}",
+    args = [*QUIET, *ROAR, f"ckpt_path={ckpt}", f"out_dir={out_dir}",
             f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     results = out_dir / "roar" / "results.jsonl"
-    deadline = time.monotonic() + 300
-    while not (results.is_file() and read_jsonl(results)):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else "audit exited"
-        assert time.monotonic() < deadline, "no cell finished in 300 s"
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("audit.py", args, tmp_path, lambda: results.is_file() and bool(read_jsonl(results)),
+              "no cell finished")
     done_before = read_jsonl(results)
     assert 1 <= len(done_before) < ROAR_CELLS, "killed in the middle of the sweep"
 
@@ -172,18 +163,11 @@ def test_audit_killed_while_writing_attribution_shards_resumes_them(ckpt: str, r
     """SIGKILL as soon as the first attribution shard exists (before any cell): the rerun keeps the
     finished shards, computes the rest once, and ends with the reference run's shards and cells."""
     out_dir = tmp_path / "audit"
-    args = [sys.executable, str(ROOT / "audit.py"), *QUIET, *ROAR, f"ckpt_path={ckpt}", f"out_dir={out_dir}",
+    args = [*QUIET, *ROAR, f"ckpt_path={ckpt}", f"out_dir={out_dir}",
             f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     attr_root = out_dir / "attributions"
-    deadline = time.monotonic() + 300
-    while not list(attr_root.glob("*/*/shard_*.pt")):
-        assert proc.poll() is None, proc.stderr.read().decode()[-3000:] if proc.stderr else "audit exited"
-        assert time.monotonic() < deadline, "no shard written in 300 s"
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_when("audit.py", args, tmp_path, lambda: bool(list(attr_root.glob("*/*/shard_*.pt"))),
+              "no shard written", poll=0.005)
     kept = {p: p.read_bytes() for p in attr_root.glob("*/*/shard_*.pt")}
     reference_root = Path(roar_run["out_dir"]) / "attributions"
     n_reference = len(list(reference_root.glob("*/*/shard_*.pt")))
