@@ -25,14 +25,25 @@ from torch.utils.data import Dataset
 
 from xaudit.explainers import UnsupportedModelError, create
 from xaudit.explainers import names as explainer_names
-from xaudit.metrics import DeletionInsertion, PointingGame, RelevanceMass, spearman
+from xaudit.metrics import (
+    DeletionInsertion,
+    LocalLipschitz,
+    MaxSensitivity,
+    PointingGame,
+    RelevanceMass,
+    spearman,
+)
 from xaudit.metrics.base import evaluating
+from xaudit.metrics.registry import TORCHMETRICS_OPTIONS
 from xaudit.reporting.overlays import grid_image
-from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.errors import ConfigError, check_options, unknown_choice
 
 MODEL_METRICS = ("deletion", "insertion")
 MASK_METRICS = ("mass_in_mask", "pointing_game")
 METRICS = (*MODEL_METRICS, *MASK_METRICS)
+#: opt-in (not in ``auto``): each re-explains the probe batch ``n`` times under input noise
+ROBUSTNESS_METRICS = {"max_sensitivity": MaxSensitivity, "local_lipschitz": LocalLipschitz}
+CHOICES = (*METRICS, *ROBUSTNESS_METRICS)
 
 
 def dataset_labels(dataset: Dataset) -> torch.Tensor:
@@ -70,8 +81,12 @@ class ExplanationMonitor(pl.Callback):
             "layer3"}}``). ``cam`` on a backbone without a GAP→linear head is skipped with one warning.
         every_n_epochs: run after validation of every N-th epoch (epoch 0 included).
         num_samples: probe batch size, drawn class-balanced from the validation set.
-        metrics: subset of ``deletion, insertion, mass_in_mask, pointing_game``, or ``"auto"``
-            (all; the mask metrics are skipped with a warning on data without masks).
+        metrics: subset of ``deletion, insertion, mass_in_mask, pointing_game, max_sensitivity,
+            local_lipschitz``, or ``"auto"`` (the first four; the mask metrics are skipped with a
+            warning on data without masks). The robustness metrics are opt-in: each costs ``n``
+            extra explanations of the probe batch per method.
+        robustness: keyword options of the robustness metrics by name (e.g. ``{"max_sensitivity":
+            {"radius": 0.05, "n": 4}}``); ``n`` defaults to 4 here and the noise is seeded by ``seed``.
         steps: deletion/insertion steps (RISE protocol).
         seed: seeds the probe-batch choice (a private generator).
         log_images / log_table: turn off the grid image / W&B table.
@@ -83,6 +98,7 @@ class ExplanationMonitor(pl.Callback):
         every_n_epochs: int = 1,
         num_samples: int = 16,
         metrics: Sequence[str] | str = "auto",
+        robustness: dict[str, dict[str, Any]] | None = None,
         steps: int = 16,
         substrate: str = "blur",
         seed: int = 0,
@@ -104,8 +120,19 @@ class ExplanationMonitor(pl.Callback):
         self.auto = metrics == "auto"
         self.metric_names = list(METRICS if self.auto else metrics)
         for m in self.metric_names:
-            if m not in METRICS:
-                raise unknown_choice("monitor metric", m, METRICS, key="callbacks.explanation_monitor.metrics")
+            if m not in CHOICES:
+                raise unknown_choice("monitor metric", m, CHOICES, key="callbacks.explanation_monitor.metrics")
+        self.robustness: dict[str, dict[str, Any]] = {}
+        for m, kw in dict(robustness or {}).items():
+            if m not in ROBUSTNESS_METRICS:
+                raise unknown_choice("robustness metric", m, ROBUSTNESS_METRICS,
+                                     key="callbacks.explanation_monitor.robustness")
+            kw = {"n": 4, "seed": int(seed), **dict(kw or {})}
+            check_options(f"monitor metric {m!r}", ROBUSTNESS_METRICS[m], kw, extra=TORCHMETRICS_OPTIONS)
+            ROBUSTNESS_METRICS[m](nn.Identity(), **kw)  # bad values (radius ≤ 0, n < 1) fail here, not mid-run
+            self.robustness[m] = kw
+            if m not in self.metric_names:  # options for a metric ask for it
+                self.metric_names.append(m)
         self.every_n_epochs = int(every_n_epochs)
         self.num_samples = int(num_samples)
         self.steps = int(steps)
@@ -210,7 +237,7 @@ class ExplanationMonitor(pl.Callback):
             for name, explainer in self.explainers.items():
                 attr = explainer.attribute(x, y)
                 maps[name] = attr
-                values[name] = self._scores(model, x, attr, y, mask)
+                values[name] = self._scores(model, x, attr, y, mask, explainer)
                 prev = self.previous.get(name)
                 if prev is not None:
                     values[name]["rank_corr_prev"] = spearman(attr.flatten(1).float(), prev.flatten(1).float())
@@ -218,7 +245,7 @@ class ExplanationMonitor(pl.Callback):
         return {"maps": maps, "values": values, "probs": probs, "pred": probs.argmax(-1)}
 
     def _scores(self, model: nn.Module, x: torch.Tensor, attr: torch.Tensor, y: torch.Tensor,
-                mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+                mask: torch.Tensor | None, explainer: Any) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
         for name in self.metric_names:
             # local computation only: every rank holds the same probe batch
@@ -226,6 +253,10 @@ class ExplanationMonitor(pl.Callback):
                 metric: Any = DeletionInsertion(model, mode=name, steps=self.steps, substrate=self.substrate,
                                                 sync_on_compute=False)
                 metric.update(x, attr, y)
+            elif name in ROBUSTNESS_METRICS:
+                kw = self.robustness.get(name) or {"n": 4, "seed": self.seed}
+                metric = ROBUSTNESS_METRICS[name](model, sync_on_compute=False, **kw)
+                metric.update(x, attr, y, explainer)
             else:
                 metric = (RelevanceMass if name == "mass_in_mask" else PointingGame)(sync_on_compute=False)
                 metric.update(attr, mask)

@@ -136,3 +136,43 @@ def test_cam_is_skipped_with_one_warning_on_a_non_cam_head(make_cfg) -> None:
         _fit_one_batch(cfg, monitor)
     assert sum("skipping cam" in str(w.message) for w in record) == 1
     assert list(monitor.explainers) == ["grad_cam", "saliency"]
+
+
+def test_robustness_metrics_are_opt_in_and_equal_the_standalone_metric(make_cfg) -> None:
+    from xaudit.metrics import LocalLipschitz, MaxSensitivity
+
+    assert "max_sensitivity" not in ExplanationMonitor().metric_names, "auto leaves the costly ones out"
+    out = train(make_cfg("logger=csv", "trainer.max_epochs=1", "test=false", *MONITOR,
+                         "callbacks.explanation_monitor.explainers=[saliency,grad_cam]",
+                         "callbacks.explanation_monitor.robustness={max_sensitivity: {radius: 0.1, n: 3}}",
+                         "callbacks.explanation_monitor.metrics=[insertion,local_lipschitz]"))
+    row = next(r for r in _csv_rows(out["run_dir"]) if r.get("explain/saliency/max_sensitivity"))
+    cfg = make_cfg(*MONITOR, "callbacks.explanation_monitor.explainers=[saliency,grad_cam]")
+    monitor = instantiate_group(cfg.callbacks)[1]
+    datamodule, _ = build(cfg)
+    model = load_classifier(out["last_ckpt_path"]).eval()
+    trainer = pl.Trainer(logger=False, enable_progress_bar=False, callbacks=[monitor],
+                         default_root_dir=str(cfg.paths.output_dir))
+    trainer.validate(model, datamodule=datamodule, verbose=False)
+    x, y = monitor.probe["image"], monitor.probe["label"]
+    for method, explainer in monitor.explainers.items():
+        attr = explainer.attribute(x, y)
+        ms = MaxSensitivity(model, radius=0.1, n=3, seed=int(cfg.seed))
+        ms.update(x, attr, y, explainer)
+        ll = LocalLipschitz(model, n=4, seed=int(cfg.seed))
+        ll.update(x, attr, y, explainer)
+        assert float(row[f"explain/{method}/max_sensitivity"]) == pytest.approx(float(ms.compute()), rel=1e-5)
+        assert float(row[f"explain/{method}/local_lipschitz"]) == pytest.approx(float(ll.compute()), rel=1e-5)
+        assert float(row[f"explain/{method}/max_sensitivity"]) > 0.0
+    assert "explain/saliency/deletion" not in row or not row["explain/saliency/deletion"]
+
+
+@pytest.mark.parametrize(("robustness", "match"), [
+    ({"max_sensitivity": {"radius": 0.0}}, r"radius=0.0 must be a number > 0"),
+    ({"local_lipschitz": {"sigma": -1}}, r"sigma=-1 must be a number > 0"),
+    ({"max_sensitivity": {"raduis": 0.1}}, r"raduis.*radius"),
+    ({"lipschitz": {}}, r"Unknown robustness metric 'lipschitz'.*local_lipschitz"),
+])
+def test_bad_robustness_options_fail_at_construction(robustness: dict, match: str) -> None:
+    with pytest.raises((ConfigError, ValueError), match=match):
+        ExplanationMonitor(robustness=robustness)

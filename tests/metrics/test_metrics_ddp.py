@@ -17,6 +17,8 @@ from xaudit.metrics import (
     Completeness,
     DeletionInsertion,
     FaithfulnessCorrelation,
+    LocalLipschitz,
+    MaxSensitivity,
     MaskIoU,
     PointingGame,
     RelevanceMass,
@@ -44,14 +46,17 @@ class MetricProbe(pl.LightningModule):
             "pointing": PointingGame(tolerance=1),
             "iou": MaskIoU(top_k=0.3),
             "mass": RelevanceMass(),
+            "max_sensitivity": MaxSensitivity(self.net, radius=0.05, n=3, seed=2),
+            "local_lipschitz": LocalLipschitz(self.net, sigma=0.1, n=3, seed=2),
         })
         self.index = CatMetric()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         x, y, mask = batch["image"], batch["label"], batch["mask"]
-        attr = create("saliency", self.net).attribute(x, y)  # leaves inference mode itself
+        explainer = create("saliency", self.net)
+        attr = explainer.attribute(x, y)  # leaves inference mode itself
         for metric in self.metrics.values():
-            update_metric(metric, x=x, attr=attr, target=y, mask=mask)
+            update_metric(metric, x=x, attr=attr, target=y, mask=mask, explainer=explainer)
         self.index.update(batch["index"])
 
     def on_test_epoch_end(self) -> None:
@@ -87,13 +92,15 @@ def test_two_processes_equal_one(trained_shapes, tmp_path):
     assert one["index"].tolist() == list(range(29))
     assert sorted(two["index"].tolist()) == list(range(29)) and two["index"].tolist() != list(range(29))
     # tolerance: float32 forwards of differently composed batches differ by a few ulps
-    for name in ("deletion", "insertion", "faithfulness", "completeness", "sanity", "pointing", "iou", "mass"):
+    for name in ("deletion", "insertion", "faithfulness", "completeness", "sanity", "pointing", "iou", "mass",
+                 "max_sensitivity", "local_lipschitz"):
         a, b = one[name], two[name]
         assert a["per_sample"].shape == b["per_sample"].shape == (29,), name
         assert torch.isfinite(a["mean"]), name
         torch.testing.assert_close(in_dataset_order(b["per_sample"], two["index"]), a["per_sample"],
                                    rtol=1e-4, atol=1e-5, equal_nan=True, msg=name)
         torch.testing.assert_close(b["mean"], a["mean"], rtol=1e-4, atol=1e-5, msg=name)
+    assert one["max_sensitivity"]["mean"] > 0 and one["local_lipschitz"]["mean"] > 0
     torch.testing.assert_close(in_dataset_order(two["deletion"]["curves"], two["index"]), one["deletion"]["curves"],
                                rtol=0, atol=1e-5)
     torch.testing.assert_close(in_dataset_order(two["sanity"]["layers"], two["index"]), one["sanity"]["layers"],
