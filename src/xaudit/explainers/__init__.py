@@ -16,6 +16,7 @@ from xaudit.explainers import (  # noqa: F401  (registers)
     pattern,
     perturbation,
     relevance,
+    senn,
     smoothgrad,
     surrogate,
     xrai,

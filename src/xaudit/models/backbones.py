@@ -17,7 +17,7 @@ import torch
 import torchvision
 from torch import nn
 
-from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.errors import ConfigError, check_options, unknown_choice
 
 
 class SmallCNN(nn.Module):
@@ -54,6 +54,7 @@ class SmallCNN(nn.Module):
 # name -> (torchvision builder or None, default target layer, total stride, stride with cifar_stem)
 _SPECS: dict[str, tuple[Callable[..., nn.Module] | None, str, int, int]] = {
     "small_cnn": (None, "features.block5", 4, 4),
+    "senn": (None, "concepts", 4, 4),
     "resnet18": (torchvision.models.resnet18, "layer4", 32, 8),
     "resnet34": (torchvision.models.resnet34, "layer4", 32, 8),
     "resnet50": (torchvision.models.resnet50, "layer4", 32, 8),
@@ -86,19 +87,21 @@ def build_backbone(
     weights: str = "DEFAULT",
     weights_path: str | None = None,
     width: int = 32,
+    **options: Any,
 ) -> nn.Module:
     """Build backbone ``name`` with a ``num_classes`` head for ``in_chans``-channel images.
 
     ``pretrained`` loads torchvision ImageNet weights (``weights`` = enum name or "DEFAULT");
     ``weights_path`` loads a local state dict instead (no network needed). Layers whose shapes
-    changed (head, adapted stem) keep their fresh initialisation.
+    changed (head, adapted stem) keep their fresh initialisation. ``options`` are the extra
+    hyper-parameters of the project's own backbones (``senn``: ``num_concepts``, ``robustness``).
     """
     _check_name(name)
     if int(num_classes) < 2:
         raise ConfigError(f"num_classes={num_classes} must be ≥2.")
     if image_size is not None and int(image_size) < min_image_size(name, cifar_stem):
         need = min_image_size(name, cifar_stem)
-        hint = ("" if cifar_stem or name in ("small_cnn", "vgg11_bn", "vgg16")
+        hint = ("" if cifar_stem or name in ("small_cnn", "senn", "vgg11_bn", "vgg16")
                 else f" or set model.backbone.cifar_stem=true (then ≥{min_image_size(name, True)} px)")
         raise ConfigError(
             f"data.image_size={image_size} is too small for {name}: it down-samples by {need}, so "
@@ -106,8 +109,13 @@ def build_backbone(
         )
     builder, target_layer, _, _ = _SPECS[name]
     if builder is None:
-        model: nn.Module = SmallCNN(num_classes, in_chans=in_chans, width=width)
+        local = _local_builders()[name]
+        check_options(f"backbone {name!r}", local, options, skip=("self", "num_classes", "in_chans", "width"))
+        model: nn.Module = local(num_classes, in_chans=in_chans, width=width, **options)
     else:
+        if options:
+            raise ConfigError(f"model.backbone options {sorted(options)} are not options of {name}; they belong "
+                              "to the project's own backbones (senn: num_concepts, robustness).")
         state = _pretrained_state(name, weights) if pretrained and not weights_path else None
         model = builder(weights=None)
         if state is not None:
@@ -118,6 +126,12 @@ def build_backbone(
     model.default_target_layer = target_layer
     model.backbone_name = name
     return model
+
+
+def _local_builders() -> dict[str, Callable[..., nn.Module]]:
+    from xaudit.models.senn import SENN
+
+    return {"small_cnn": SmallCNN, "senn": SENN}
 
 
 def _pretrained_state(name: str, weights: str) -> dict[str, torch.Tensor]:

@@ -73,8 +73,17 @@ class Classifier(pl.LightningModule):
     # -- steps -----------------------------------------------------------------------------
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
-        logits = self(x)
+        # a backbone with its own training objective (SENN's robustness regulariser) returns the
+        # logits and the extra loss term from ``training_forward``
+        extra = getattr(self.net, "training_forward", None) if split == "train" else None
+        if extra is not None:
+            logits, extra_loss = extra(x, y)
+        else:
+            logits, extra_loss = self(x), None
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if split == "train" else 0.0)
+        if extra_loss is not None:
+            self.log("train/extra_loss", extra_loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
+            loss = loss + extra_loss
         key = split + "_"
         self.acc[key].update(logits.detach(), y)
         self.loss_mean[key].update(loss.detach(), weight=y.shape[0])
