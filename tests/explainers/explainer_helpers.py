@@ -10,13 +10,24 @@ from typing import Any
 import torch
 from torch import nn
 
+from xaudit.explainers import names
 from xaudit.models import build_backbone
 
 MODELS = ("small_cnn", "resnet18", "vgg11_bn")
 # vgg11_bn with the CIFAR head (GAP → linear): the ImageNet head is a 100M-parameter MLP that a
 # 2-core CI machine should not build for every test; the feature extractor (inplace ReLUs) is the same.
-MODEL_KW: dict[str, dict[str, Any]] = {"small_cnn": {"width": 8}, "resnet18": {}, "vgg11_bn": {"cifar_stem": True}}
+MODEL_KW: dict[str, dict[str, Any]] = {"small_cnn": {"width": 8}, "resnet18": {}, "vgg11_bn": {"cifar_stem": True},
+                                       "senn": {"width": 8, "num_concepts": 5}}
 SIZE = 32  # vgg11_bn and resnet18 (ImageNet stem) need ≥32 px
+
+#: explainers that read one kind of model (method → backbone); the rest explain any classifier
+MODEL_SPECIFIC: dict[str, str] = {"senn": "senn"}
+GENERIC_METHODS: list[str] = [n for n in names() if n not in MODEL_SPECIFIC]
+#: (method, model) pairs for the model-specific explainers, plus post-hoc methods on those models
+SPECIFIC_CASES: list[tuple[str, str]] = [
+    *MODEL_SPECIFIC.items(),
+    *((m, "senn") for m in ("grad_cam", "saliency", "integrated_gradients", "smoothgrad", "occlusion")),
+]
 
 
 def randomize_batchnorm(model: nn.Module, seed: int = 1) -> nn.Module:

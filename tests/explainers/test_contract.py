@@ -16,11 +16,15 @@ import torch
 from torch import nn
 
 from xaudit.data import ShapesDataModule
-from xaudit.explainers import create, names
+from xaudit.explainers import create
 
-from explainer_helpers import MODELS, images, make_model, method_kw
+from explainer_helpers import GENERIC_METHODS, MODELS, SPECIFIC_CASES, images, make_model, method_kw
 
-METHODS = names()
+METHODS = GENERIC_METHODS
+# every generic method on every model, and the model-specific explainers (senn) on their model
+CASES = [(m, n) for m in METHODS for n in MODELS] + SPECIFIC_CASES
+# one (method, model) per method for the single-model checks
+SMALL = [(m, "small_cnn") for m in METHODS] + list(SPECIFIC_CASES[:1])
 
 
 def _hook_counts(model: nn.Module) -> list[int]:
@@ -38,8 +42,7 @@ def _scale(a: torch.Tensor) -> float:
     return float(a.abs().max()) or 1.0
 
 
-@pytest.mark.parametrize("model_name", MODELS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize(("method", "model_name"), CASES)
 def test_contract(method: str, model_name: str, get_model: Any) -> None:
     model = get_model(model_name)
     x = images(2)
@@ -80,38 +83,38 @@ def test_contract(method: str, model_name: str, get_model: Any) -> None:
         torch.testing.assert_close(alone[0], attr[i], rtol=1e-4, atol=atol)
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_train_mode_model_is_left_exactly_as_found(method: str) -> None:
+@pytest.mark.parametrize(("method", "model_name"), SMALL)
+def test_train_mode_model_is_left_exactly_as_found(method: str, model_name: str) -> None:
     """In train mode a forward would update BatchNorm statistics: they must be restored, and the
     mode must stay train."""
-    model = make_model("small_cnn").train()
+    model = make_model(model_name).train()
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = images(4)
-    create(method, model, **method_kw(method, "small_cnn")).attribute(x, 0)
+    create(method, model, **method_kw(method, model_name)).attribute(x, 0)
     assert all(m.training for m in model.modules())
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_float64_input_gives_float64_output() -> None:
-    model = make_model("small_cnn").double()
     x = images(2).double()
-    for method in METHODS:
-        attr = create(method, model, **method_kw(method, "small_cnn")).attribute(x, 1)
+    for method, model_name in SMALL:
+        model = make_model(model_name).double()
+        attr = create(method, model, **method_kw(method, model_name)).attribute(x, 1)
         assert attr.dtype == torch.float64, method
 
 
 def test_frozen_model_and_caller_tensor_requiring_grad() -> None:
     """Parameters with requires_grad=False and an input that requires grad both work unchanged."""
-    model = make_model("small_cnn")
-    for p in model.parameters():
-        p.requires_grad_(False)
     x = images(2).requires_grad_(True)
-    for method in METHODS:
-        attr = create(method, model, **method_kw(method, "small_cnn")).attribute(x, 2)
+    for method, model_name in SMALL:
+        model = make_model(model_name)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        attr = create(method, model, **method_kw(method, model_name)).attribute(x, 2)
         assert attr.shape == (2, 32, 32), method
+        assert all(not p.requires_grad and p.grad is None for p in model.parameters())
     assert x.grad is None and x.requires_grad
-    assert all(not p.requires_grad and p.grad is None for p in model.parameters())
 
 
 class _ExplainingModule(pl.LightningModule):
@@ -121,6 +124,7 @@ class _ExplainingModule(pl.LightningModule):
         super().__init__()
         self.net = net
         self.model_name = model_name
+        self.methods = _methods_for(model_name)
         self.results: dict[str, torch.Tensor] = {}
         self.inference_mode_seen = False
 
@@ -129,13 +133,17 @@ class _ExplainingModule(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self.inference_mode_seen = torch.is_inference_mode_enabled()
-        for method in METHODS:
+        for method in self.methods:
             # the explainer gets the LightningModule itself; target_layer names resolve inside `net`
             explainer = create(method, self, **method_kw(method, self.model_name))
             self.results[method] = explainer.attribute(batch["image"], batch["label"])
 
 
-@pytest.mark.parametrize("model_name", MODELS)
+def _methods_for(model_name: str) -> list[str]:
+    return [m for m, n in SPECIFIC_CASES if n == model_name] or list(METHODS)
+
+
+@pytest.mark.parametrize("model_name", [*MODELS, "senn"])
 def test_runs_inside_trainer_validate(model_name: str, get_model: Any) -> None:
     dm = ShapesDataModule(n_train=8, n_val=2, n_test=2, batch_size=2, image_size=32)
     module = _ExplainingModule(copy.deepcopy(get_model(model_name)), model_name)
@@ -143,10 +151,10 @@ def test_runs_inside_trainer_validate(model_name: str, get_model: Any) -> None:
                          enable_progress_bar=False, enable_model_summary=False, limit_val_batches=1)
     trainer.validate(module, datamodule=dm, verbose=False)
     assert module.inference_mode_seen, "Lightning should run validation under inference mode"
-    assert set(module.results) == set(METHODS)
+    assert set(module.results) == set(module.methods)
     batch = next(iter(dm.val_dataloader()))
     module.eval()
-    for method in METHODS:
+    for method in module.methods:
         outside = create(method, module, **method_kw(method, model_name)).attribute(batch["image"], batch["label"])
         got = module.results[method]
         assert not got.is_inference()

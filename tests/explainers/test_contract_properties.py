@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from xaudit.explainers import create, names
+from xaudit.explainers import create
 from xaudit.models.backbones import build_backbone
 
-from explainer_helpers import method_kw, randomize_batchnorm
+from explainer_helpers import GENERIC_METHODS, method_kw, randomize_batchnorm
 
 _MODELS: dict[int, nn.Module] = {}
 
@@ -36,7 +36,7 @@ shapes = st.tuples(st.integers(1, 3), st.sampled_from([1, 3]), st.integers(12, 2
                    st.integers(0, 2**16))
 
 
-@pytest.mark.parametrize("method", names())
+@pytest.mark.parametrize("method", GENERIC_METHODS)
 @settings(max_examples=10, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(shape=shapes)
 def test_contract_holds_for_random_shapes(method: str, shape: tuple[int, int, int, int, int]) -> None:

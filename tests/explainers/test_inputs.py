@@ -7,10 +7,10 @@ from typing import Any
 import pytest
 import torch
 
-from xaudit.explainers import ExplainerInputError, ExplainerTypeError, create, names
+from xaudit.explainers import ExplainerInputError, ExplainerTypeError, create
 from xaudit.utils.errors import ConfigError
 
-from explainer_helpers import images
+from explainer_helpers import GENERIC_METHODS, images
 
 
 @pytest.fixture
@@ -63,7 +63,7 @@ def test_target_errors(saliency: Any) -> None:
         saliency.attribute(x, torch.zeros(2, 1, dtype=torch.long))
 
 
-@pytest.mark.parametrize("method", names())
+@pytest.mark.parametrize("method", GENERIC_METHODS)
 def test_every_method_checks_input_and_target(method: str, get_model: Any) -> None:
     explainer = create(method, get_model("small_cnn"), target_layer="features.block5") if method in (
         "cam", "grad_cam", "grad_cam_pp", "score_cam", "guided_grad_cam", "feature_maps") else create(
