@@ -71,14 +71,18 @@ def generate_shapes(
     spurious_p: float = 0.0,
     cue: str = "background",
     noise: float = 0.04,
+    cue_class: int | None = None,
 ) -> ShapesSplit:
     """Generate ``n`` class-balanced shape images deterministically from ``seed``.
 
     With probability ``spurious_p`` an image carries its own class's cue; otherwise the cue of a
     uniformly drawn class. ``spurious_p=0`` therefore makes the cue pure noise, ``1`` makes it a
-    perfect (spurious) predictor.
+    perfect (spurious) predictor. ``cue_class=k`` gives every image the cue of class k whatever
+    its shape (concept examples of "class k's cue" for TCAV).
     """
     check_shapes_args(num_classes=num_classes, image_size=image_size, spurious_p=spurious_p, cue=cue)
+    if cue_class is not None and not 0 <= int(cue_class) < num_classes:
+        raise ConfigError(f"cue_class={cue_class} must be a class index in 0..{num_classes - 1}.")
     g = torch.Generator().manual_seed(int(seed))
     s = image_size
     labels = torch.arange(n) % num_classes
@@ -106,6 +110,8 @@ def generate_shapes(
 
     tied = rand(n) < spurious_p
     cues = torch.where(tied, labels, torch.randint(0, num_classes, (n,), generator=g))
+    if cue_class is not None:
+        cues = torch.full_like(cues, int(cue_class))
     cue_rgb = _CUE_COLOURS[cues]
     background = bg[:, :, None, None].expand(n, 3, s, s).clone()
     if cue == "background":

@@ -54,7 +54,7 @@ from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.io import check_writable, file_sha256
 from xaudit.utils.progress import SweepProgress, quiet_lightning
 
-AUDIT_MODES: tuple[str, ...] = ("evaluate", *RETRAIN_MODES, "sanity", "shortcut")
+AUDIT_MODES: tuple[str, ...] = ("evaluate", *RETRAIN_MODES, "sanity", "shortcut", "concepts")
 #: data keys that change how data is served, not what it is (left out of fingerprints)
 SERVING_KEYS = ("batch_size", "eval_batch_size", "num_workers")
 
@@ -200,13 +200,18 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     make_trainer = trainer_factory(cfg)
     datamodule.setup("test")
     test = TensorSplit.from_dataset(datamodule.test_set, datamodule.mean, datamodule.std)
-    dry_run(classifier.net, methods, test)
+    if mode != "concepts":  # TCAV explains with concepts, not with the methods
+        dry_run(classifier.net, methods, test)
     batch_size = int(cfg.get("batch_size") or datamodule.eval_batch_size)
     mode_dir = out_dir / mode
     if mode == "sanity":
         from xaudit.tasks.sanity import run_sanity
 
         cells = run_sanity(cfg, classifier.net, test, methods, mode_dir, identity, _is_writer())
+    elif mode == "concepts":
+        from xaudit.tasks.concepts import run_concepts
+
+        cells = run_concepts(cfg, classifier.net, datamodule, test, mode_dir, identity, _is_writer())
     elif mode == "evaluate":
         cells = run_evaluate(cfg, classifier, datamodule, test, methods, identity, mode_dir, make_trainer,
                              batch_size, target)
@@ -225,6 +230,11 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
             from xaudit.tasks.sanity import write_sanity_report
 
             paths = write_sanity_report(mode_dir, every, test, meta)
+        elif mode == "concepts":
+            from xaudit.tasks.concepts import write_concepts_report
+
+            meta["methods"] = ", ".join(sorted({c["concept"] for c in every}))
+            paths = write_concepts_report(mode_dir, every, meta, float((cfg.get("concepts") or {}).get("alpha", 0.05)))
         else:
             paths = write_report(mode_dir, mode, every, meta)
         loggers = instantiate_group(cfg.get("logger"))

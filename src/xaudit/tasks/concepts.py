@@ -1,0 +1,265 @@
+"""``audit=concepts``: TCAV scores of concepts for every class, against random concepts.
+
+Concept sets come from the data (on shapes: "class k's cue" — its background colour, corner mark
+or stripe orientation — drawn over every shape, which is exactly what a shortcut model learns)
+and from user folders of example images. Random sets are images of the same kind with nothing
+in common (shapes with uniformly drawn cues, or random test images). One results cell per
+(concept, class), appended as it is computed, so a killed audit resumes.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from xaudit.data.shapes import ShapesDataModule, generate_shapes
+from xaudit.explainers.hooks import resolve_layer
+from xaudit.reporting import report as rep
+from xaudit.roar.data import TensorSplit
+from xaudit.roar.results import ResultsLog
+from xaudit.tcav import (
+    ALTERNATIVES,
+    concept_tcav,
+    layer_activations,
+    random_baseline,
+    spatial_layers,
+)
+from xaudit.utils.errors import ConfigError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+def load_concept_folder(folder: str | Path, name: str, image_size: int, in_chans: int, min_examples: int,
+                        limit: int | None = None) -> Tensor:
+    """uint8 images [n,C,S,S] of one concept folder (sorted file names, resized to ``image_size``)."""
+    from PIL import Image
+
+    path = Path(str(folder)).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"concepts.folders.{name}: {path} is not a directory; point it at a folder of example "
+                          f"images of the concept ({', '.join(IMAGE_SUFFIXES)}).")
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if len(files) < min_examples:
+        raise ConfigError(f"concepts.folders.{name}: {path} holds {len(files)} images, fewer than "
+                          f"concepts.min_examples={min_examples}; a CAV learnt from so few examples is noise. Add "
+                          "images, or lower concepts.min_examples.")
+    mode = "RGB" if in_chans == 3 else "L"
+    out = []
+    for f in files[:limit]:
+        with Image.open(f) as im:
+            arr = np.asarray(im.convert(mode).resize((image_size, image_size), Image.BILINEAR))
+        out.append(torch.from_numpy(arr.copy()).reshape(image_size, image_size, in_chans).permute(2, 0, 1))
+    return torch.stack(out)
+
+
+def _check_int(value: Any, key: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"concepts.{key}={value!r} must be an integer ≥{minimum}.")
+    return int(value)
+
+
+Draw = Callable[[int], Tensor]
+
+
+def _subsampler(images: Tensor, salt: int) -> Draw:
+    """``draw(r)``: a seeded 80 % subset of a fixed set of example images."""
+    m = max(2, round(0.8 * len(images)))
+
+    def draw(r: int) -> Tensor:
+        return images[torch.randperm(len(images), generator=torch.Generator().manual_seed(salt + r))[:m]]
+
+    return draw
+
+
+def concept_sources(cc: Any, datamodule: Any, test: TensorSplit) -> tuple[dict[str, Draw], Draw]:
+    """Concept example draws by name and the random-set draw: ``draw(r)`` → uint8 images of run r.
+
+    Built-in shapes concepts and random sets are generated afresh for every run (independent
+    draws); a folder concept is subsampled (80 % of its images, seeded per run)."""
+    n = _check_int(cc.get("examples", 64), "examples", 2)
+    min_examples = _check_int(cc.get("min_examples", 10), "min_examples", 2)
+    seed = int(cc.get("seed", 0))
+    c, size = test.image_shape[0], test.image_shape[1]
+    sources: dict[str, Draw] = {}
+    if isinstance(datamodule, ShapesDataModule):
+        cue = str(cc.get("cue") or datamodule.cue)
+        kw = {"num_classes": datamodule.num_classes, "image_size": datamodule.image_size, "cue": cue,
+              "noise": datamodule.noise}
+        base = 7919 * (seed + 1)
+        if cc.get("builtin", True):
+            for k, cls in enumerate(datamodule.class_names):
+                sources[f"{cue}:{cls}"] = (lambda r, k=k: generate_shapes(
+                    n, seed=base + 10_000 * (k + 1) + r, cue_class=k, **kw).images)
+
+        def random_draw(j: int) -> Tensor:
+            return generate_shapes(n, seed=base + 900_000 + j, spurious_p=0.0, **kw).images
+    else:
+        if len(test) < n:
+            raise ConfigError(f"concepts.examples={n} exceeds the {len(test)} test images the random sets are drawn "
+                              "from; lower concepts.examples.")
+
+        def random_draw(j: int) -> Tensor:
+            g = torch.Generator().manual_seed(seed * 1_000_003 + j)
+            return test.images[torch.randperm(len(test), generator=g)[:n]]
+    for name, folder in dict(cc.get("folders") or {}).items():
+        images = load_concept_folder(folder, str(name), size, c, min_examples)
+        sources[str(name)] = _subsampler(images, seed * 1_000_003 + 7_777 * (len(sources) + 1))
+    if not sources:
+        raise ConfigError("audit=concepts has no concepts: the built-in cue concepts exist only on the shapes data; "
+                          "pass concepts.folders={name: /folder/of/examples, ...}.")
+    return sources, random_draw
+
+
+def class_images(test: TensorSplit, classes: list[int], per_class: int) -> dict[int, Tensor]:
+    """The first ``per_class`` test images of each class."""
+    out = {}
+    for k in classes:
+        idx = torch.nonzero(test.labels == k).flatten()[:per_class]
+        if len(idx) == 0:
+            raise ConfigError(f"concepts.classes: class {k} has no test images.")
+        out[k] = idx
+    return out
+
+
+def default_concept_layer(net: nn.Module, x: Tensor) -> str:
+    """The block before the backbone's default target layer (its preceding spatial sibling).
+
+    The default target layer feeds the global-average-pool → linear head on most backbones, so
+    the gradient of a logit there is the same for every image and TCAV scores degenerate to 0 or
+    1; one block earlier the gradients depend on the image."""
+    target = resolve_layer(net, None)
+    parent = target.rpartition(".")[0]
+    depth = target.count(".")
+    siblings = [n for n in spatial_layers(net, x) if n.count(".") == depth and n.rpartition(".")[0] == parent]
+    i = siblings.index(target) if target in siblings else -1
+    for name in reversed(siblings[:max(i, 0)]):
+        if not isinstance(net.get_submodule(name), nn.MaxPool2d | nn.AvgPool2d | nn.ReLU):
+            return name
+    return target
+
+
+def run_concepts(cfg: Any, net: nn.Module, datamodule: Any, test: TensorSplit, mode_dir: Path,
+                 identity: dict[str, Any], is_writer: bool = True) -> dict[str, dict[str, Any]]:
+    """One cell per (concept, class): TCAV score, random baseline, Bonferroni p-value, CAV accuracy."""
+    cc = cfg.get("concepts") or {}
+    alpha = float(cc.get("alpha", 0.05))
+    if not 0 < alpha < 1:
+        raise ConfigError(f"concepts.alpha={alpha} must lie in (0, 1).")
+    seed = int(cc.get("seed", 0))
+    alternative = str(cc.get("alternative", "greater"))
+    if alternative not in ALTERNATIVES:
+        raise ConfigError(f"concepts.alternative={alternative!r} must be one of {', '.join(ALTERNATIVES)}.")
+    runs = _check_int(cc.get("num_random", 50), "num_random", 2)
+    per_class = _check_int(cc.get("images_per_class", 64), "images_per_class", 1)
+    num_classes = int(test.labels.max()) + 1
+    classes = [int(k) for k in (cc.get("classes") or range(num_classes))]
+    for k in classes:
+        if not 0 <= k < num_classes:
+            raise ConfigError(f"concepts.classes holds {k}; valid classes are 0..{num_classes - 1}.")
+    probe = test.normalise(test.images[:1])
+    layer = str(cc.get("layer") or default_concept_layer(net, probe))
+    layer = resolve_layer(net, layer)
+    layer_activations(net, layer, probe)  # a non-spatial layer fails here, before any work
+    sources, random_draw = concept_sources(cc, datamodule, test)
+    names = getattr(datamodule, "class_names", None) or [str(k) for k in range(num_classes)]
+    concepts = [*sources, "random"]
+    results = ResultsLog(mode_dir)
+    results.check_config({**identity, "mode": "concepts", "layer": layer, "concepts": concepts, "classes": classes,
+                          "seed": seed, "alpha": alpha, "alternative": alternative, "examples": int(cc.get("examples", 64)), "num_random": runs,
+                          "images_per_class": per_class, "cue": cc.get("cue"),
+                          "folders": {k: str(v) for k, v in dict(cc.get("folders") or {}).items()}})
+    done = results.read()
+    keys = {(c, k): f"concepts|{c}|{names[k]}" for c in concepts for k in classes}
+    if all(key in done for key in keys.values()):
+        return {key: done[key] for key in keys.values()}
+    start = time.perf_counter()
+
+    def acts(images: Tensor) -> Tensor:
+        return layer_activations(net, layer, test.normalise(images))[0]
+
+    idx = class_images(test, classes, per_class)
+    grads: dict[int, Tensor] = {}
+    for k, rows in idx.items():
+        _, g = layer_activations(net, layer, test.normalise(test.images[rows]), torch.full((len(rows),), k))
+        assert g is not None
+        grads[k] = g
+    # random draws: 0..R-1 negatives (shared by every concept), R..2R-1 the random control's
+    # examples, 2R..4R-1 the random-vs-random baseline pairs
+    negatives = [acts(random_draw(r)) for r in range(runs)]
+    baseline = random_baseline([(acts(random_draw(2 * runs + r)), acts(random_draw(3 * runs + r)))
+                                for r in range(runs)], seed)
+    draws: dict[str, Draw] = {**sources, "random": lambda r: random_draw(runs + r)}
+    for name in concepts:
+        if all(keys[(name, k)] in done for k in classes):
+            continue
+        pairs = [(acts(draws[name](r)), negatives[r]) for r in range(runs)]
+        for res in concept_tcav(name, pairs, baseline, grads, len(keys), alpha, seed, alternative):
+            record = {"cell": keys[(name, res.class_index)], "mode": "concepts", "method": name, "method_key": name,
+                      "class": names[res.class_index], "layer": layer, "count": len(idx[res.class_index]),
+                      **res.record(), "seconds": round(time.perf_counter() - start, 3)}
+            if is_writer:
+                results.append(record)
+            done[record["cell"]] = record
+    return {key: done[key] for key in keys.values()}
+
+
+def concepts_findings(cells: list[dict[str, Any]], alpha: float) -> list[str]:
+    """Which concepts matter for which class, in words."""
+    sig = [c for c in cells if c["significant"] and c["concept"] != "random"]
+    out = []
+    if sig:
+        out.append("Significant concepts (Bonferroni p < " + f"{alpha:g}): " + "; ".join(
+            f"{c['concept']} for {c['class']} (TCAV {c['tcav']:.2f} vs random {c['random_tcav']:.2f}, "
+            f"p={c['p_value']:.2g})" for c in sorted(sig, key=lambda c: c["p_value"])) + ".")
+    else:
+        out.append(f"No concept is significant for any class (Bonferroni p < {alpha:g}).")
+    rnd = [c for c in cells if c["concept"] == "random"]
+    if rnd:
+        bad = [c for c in rnd if c["significant"]]
+        out.append("The random control concept is " + ("significant for " + ", ".join(c["class"] for c in bad)
+                                                        + ": the test is not calibrated here (more random sets?)."
+                                                        if bad else "not significant for any class, as it should be."))
+    return out
+
+
+def write_concepts_report(mode_dir: Path, cells: list[dict[str, Any]], meta: dict[str, Any],
+                          alpha: float) -> dict[str, Path]:
+    """Table (concept × class), a bar plot of TCAV scores with the random baseline, findings."""
+    cells = sorted(cells, key=lambda c: (c["concept"] == "random", c["concept"], c["class_index"]))
+    header = ["concept", "class", "TCAV", "± std", "random TCAV", "p (Bonferroni)", "significant", "CAV accuracy"]
+    table = [[c["concept"], c["class"], round(c["tcav"], 3), round(c["tcav_std"], 3), round(c["random_tcav"], 3),
+              float(f"{c['p_value']:.3g}"), "yes" if c["significant"] else "no", round(c["cav_accuracy"], 3)]
+             for c in cells]
+    plt = rep.pyplot()
+    classes = list(dict.fromkeys(c["class"] for c in sorted(cells, key=lambda c: c["class_index"])))
+    concepts = list(dict.fromkeys(c["concept"] for c in cells))
+    fig, axes = plt.subplots(1, len(classes), figsize=(3.2 * len(classes) + 1, 3.6), squeeze=False, sharey=True)
+    for ax, cls in zip(axes[0], classes):
+        row = {c["concept"]: c for c in cells if c["class"] == cls}
+        xs = np.arange(len(concepts))
+        means = [row[n]["tcav"] if n in row else np.nan for n in concepts]
+        errs = [row[n]["tcav_std"] if n in row else 0 for n in concepts]
+        colours = ["tab:red" if n in row and row[n]["significant"] else "tab:grey" for n in concepts]
+        ax.bar(xs, means, yerr=errs, color=colours, capsize=2)
+        rnd = [row[n]["random_tcav"] for n in concepts if n in row]
+        if rnd:
+            ax.axhline(float(np.mean(rnd)), color="black", ls="--", lw=0.8, label="random CAVs")
+        for x_, n in zip(xs, concepts):
+            if n in row and row[n]["significant"]:
+                ax.text(x_, min(1.0, means[int(x_)] + errs[int(x_)]) + 0.02, "*", ha="center")
+        ax.set_xticks(xs, concepts, rotation=45, ha="right", fontsize=7)
+        ax.set_ylim(0, 1.1)
+        ax.set_title(f"class {cls}", fontsize=9)
+    axes[0][0].set_ylabel("TCAV score")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(f"TCAV at {cells[0]['layer'] if cells else '?'} (red *: significant)", fontsize=10)
+    plots = [("TCAV scores per class (bars: concepts; dashed: random CAVs)",
+              rep.save_figure(fig, mode_dir / "tcav_scores.png"))]
+    return rep.write_tables_report(mode_dir, "concepts", cells, meta, header, table, plots,
+                                   concepts_findings(cells, alpha))
