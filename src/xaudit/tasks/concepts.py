@@ -234,7 +234,7 @@ def write_concepts_report(mode_dir: Path, cells: list[dict[str, Any]], meta: dic
     cells = sorted(cells, key=lambda c: (c["concept"] == "random", c["concept"], c["class_index"]))
     header = ["concept", "class", "TCAV", "± std", "random TCAV", "p (Bonferroni)", "significant", "CAV accuracy"]
     table = [[c["concept"], c["class"], round(c["tcav"], 3), round(c["tcav_std"], 3), round(c["random_tcav"], 3),
-              float(f"{c['p_value']:.3g}"), "yes" if c["significant"] else "no", round(c["cav_accuracy"], 3)]
+              f"{c['p_value']:.2g}", "yes" if c["significant"] else "no", round(c["cav_accuracy"], 3)]
              for c in cells]
     plt = rep.pyplot()
     classes = list(dict.fromkeys(c["class"] for c in sorted(cells, key=lambda c: c["class_index"])))
