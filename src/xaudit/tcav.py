@@ -4,7 +4,7 @@ A concept (e.g. "the red background that class 0 carries in the shortcut data") 
 example images. Its *concept activation vector* (CAV) at a layer is the normal of a linear
 classifier that separates the layer's activations of the concept examples from those of random
 examples. A class's *TCAV score* is the fraction of that class's images whose target logit
-increases along the CAV (positive directional derivative ``∇_A logit_k · v``). Because a CAV
+increases along the CAV (positive directional derivative ``∇_A log p_k · v``). Because a CAV
 learnt from any two image sets gives some score, each concept is learnt against ``R`` different
 random sets and its ``R`` scores are t-tested against ``R`` scores of random-vs-random CAVs; a
 concept is significant for a class when the (Bonferroni-corrected) p-value is below ``alpha``.
@@ -51,7 +51,10 @@ def spatial_layers(model: nn.Module, x: Tensor) -> list[str]:
 def layer_activations(model: nn.Module, layer: str | None, x: Tensor, target: Tensor | None = None,
                       batch_size: int = 128) -> tuple[Tensor, Tensor | None]:
     """Flattened activations [N, K·h·w] of ``layer`` for ``x`` and, with ``target`` [N], the
-    gradients of each image's target logit with respect to them (same shape).
+    gradients of each image's target log-probability ``log softmax(logits)_k`` with respect to
+    them (same shape). The log-probability, not the raw logit, is what the TCAV reference
+    implementation differentiates (the negative of its cross-entropy loss): a direction that raises
+    every logit alike does not count as evidence for one class.
 
     A layer whose output is not a [B,K,h,w] feature map raises a :class:`ConfigError` that lists
     the layers that are."""
@@ -75,7 +78,10 @@ def layer_activations(model: nn.Module, layer: str | None, x: Tensor, target: Te
             acts.append(a.detach().flatten(1).float())
             if target is not None:
                 tb = target[i * batch_size:i * batch_size + xb.shape[0]].to(logits.device)
-                (g,) = torch.autograd.grad(logits.gather(1, tb[:, None]).sum(), a)
+                # log p_k (the negative cross-entropy, as the TCAV reference differentiates), in float64
+                # so that a confident prediction keeps a non-zero gradient
+                logp = torch.log_softmax(logits.double(), 1).gather(1, tb[:, None])
+                (g,) = torch.autograd.grad(logp.sum(), a)
                 grads.append(g.detach().flatten(1).float())
     return torch.cat(acts), (torch.cat(grads) if target is not None else None)
 
@@ -109,7 +115,7 @@ def learn_cav(concept: Tensor, negative: Tensor, seed: int = 0, c: float = 0.01)
 
 
 def tcav_score(grads: Tensor, cav: Tensor) -> float:
-    """Fraction of images whose target logit increases along ``cav`` (∇·v > 0)."""
+    """Fraction of images whose target log-probability increases along ``cav`` (∇·v > 0)."""
     return float((grads @ cav.to(grads) > 0).float().mean())
 
 

@@ -222,9 +222,13 @@ def concepts_findings(cells: list[dict[str, Any]], alpha: float) -> list[str]:
     rnd = [c for c in cells if c["concept"] == "random"]
     if rnd:
         bad = [c for c in rnd if c["significant"]]
-        out.append("The random control concept is " + ("significant for " + ", ".join(c["class"] for c in bad)
-                                                        + ": the test is not calibrated here (more random sets?)."
-                                                        if bad else "not significant for any class, as it should be."))
+        if bad:
+            out.append("The random control concept is significant for " + ", ".join(
+                f"{c['class']} (p={c['p_value']:.2g})" for c in bad) + f": Bonferroni keeps such a chance hit to at "
+                f"most {alpha:g} of audits; if it recurs with other concepts.seed values, the random sets are "
+                "too small (raise concepts.examples or concepts.num_random).")
+        else:
+            out.append("The random control concept is not significant for any class, as it should be.")
     return out
 
 
