@@ -104,7 +104,7 @@ def learn_cav(concept: Tensor, negative: Tensor, seed: int = 0, c: float = 0.01)
     mean, std = x[train].mean(0), x[train].std(0) + 1e-8
     z = (x - mean) / std
     # liblinear in the dual: fast when examples (~100) are far fewer than activation dims (~10⁴)
-    clf = LogisticRegression(C=c, solver="liblinear", dual=True, max_iter=1000)
+    clf = LogisticRegression(C=c, solver="liblinear", dual=True, max_iter=1000, random_state=seed)
     clf.fit(z[train], y[train])
     acc = float((clf.predict(z[test]) == y[test]).mean())
     w = clf.coef_[0] / std

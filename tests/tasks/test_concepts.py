@@ -158,7 +158,14 @@ def test_rerun_reuses_every_cell_and_other_settings_refuse_the_directory(
     again = run_concepts(models["shortcut"], tmp_path, "concepts.num_random=4", "concepts.examples=24",
                          "concepts.images_per_class=16")
     assert (Path(first["mode_dir"]) / "results.jsonl").read_text().splitlines() == lines
-    assert again["cells"] == first["cells"], "same seeds → the same cells, nothing recomputed"
+    assert again["cells"] == first["cells"], "nothing recomputed"
+    fresh = run_concepts(models["shortcut"], tmp_path / "fresh", "concepts.num_random=4", "concepts.examples=24",
+                         "concepts.images_per_class=16")
+
+    def values(cells: dict[str, Any]) -> dict[str, Any]:
+        return {k: {f: v for f, v in c.items() if f != "seconds"} for k, c in cells.items()}
+
+    assert values(fresh["cells"]) == values(first["cells"]), "same seed → bit-identical scores and p-values"
     with pytest.raises(ConfigError, match=r"different setup.*num_random"):
         run_concepts(models["shortcut"], tmp_path, "concepts.num_random=5", "concepts.examples=24",
                      "concepts.images_per_class=16")
