@@ -122,17 +122,20 @@ class ExplanationMonitor(pl.Callback):
         for m in self.metric_names:
             if m not in CHOICES:
                 raise unknown_choice("monitor metric", m, CHOICES, key="callbacks.explanation_monitor.metrics")
-        self.robustness: dict[str, dict[str, Any]] = {}
-        for m, kw in dict(robustness or {}).items():
+        options = {str(m): dict(kw or {}) for m, kw in dict(robustness or {}).items()}
+        for m in options:
             if m not in ROBUSTNESS_METRICS:
                 raise unknown_choice("robustness metric", m, ROBUSTNESS_METRICS,
                                      key="callbacks.explanation_monitor.robustness")
-            kw = {"n": 4, "seed": int(seed), **dict(kw or {})}
-            check_options(f"monitor metric {m!r}", ROBUSTNESS_METRICS[m], kw, extra=TORCHMETRICS_OPTIONS)
-            ROBUSTNESS_METRICS[m](nn.Identity(), **kw)  # bad values (radius ≤ 0, n < 1) fail here, not mid-run
-            self.robustness[m] = kw
             if m not in self.metric_names:  # options for a metric ask for it
                 self.metric_names.append(m)
+        self.robustness: dict[str, dict[str, Any]] = {}
+        for m in self.metric_names:
+            if m in ROBUSTNESS_METRICS:
+                kw = {"n": 4, "seed": int(seed), **options.get(m, {})}
+                check_options(f"monitor metric {m!r}", ROBUSTNESS_METRICS[m], kw, extra=TORCHMETRICS_OPTIONS)
+                ROBUSTNESS_METRICS[m](nn.Identity(), **kw)  # bad values (radius ≤ 0, n < 1) fail here, not mid-run
+                self.robustness[m] = kw
         self.every_n_epochs = int(every_n_epochs)
         self.num_samples = int(num_samples)
         self.steps = int(steps)
@@ -254,8 +257,7 @@ class ExplanationMonitor(pl.Callback):
                                                 sync_on_compute=False)
                 metric.update(x, attr, y)
             elif name in ROBUSTNESS_METRICS:
-                kw = self.robustness.get(name) or {"n": 4, "seed": self.seed}
-                metric = ROBUSTNESS_METRICS[name](model, sync_on_compute=False, **kw)
+                metric = ROBUSTNESS_METRICS[name](model, sync_on_compute=False, **self.robustness[name])
                 metric.update(x, attr, y, explainer)
             else:
                 metric = (RelevanceMass if name == "mass_in_mask" else PointingGame)(sync_on_compute=False)

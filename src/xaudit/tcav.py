@@ -151,6 +151,13 @@ class ConceptResult:
 ALTERNATIVES = ("greater", "two-sided")
 
 
+def check_alternative(alternative: str) -> str:
+    """``alternative`` if it names a test this module runs, else a ConfigError listing them."""
+    if alternative not in ALTERNATIVES:
+        raise ConfigError(f"concepts.alternative={alternative!r} must be one of {', '.join(ALTERNATIVES)}.")
+    return alternative
+
+
 def t_test(scores: Sequence[float], random_scores: Sequence[float], alternative: str = "greater") -> float:
     """Welch t-test p-value of concept scores against random ones.
 
@@ -159,8 +166,7 @@ def t_test(scores: Sequence[float], random_scores: Sequence[float], alternative:
     also flags concepts that lower it. Constant, equal samples give 1."""
     from scipy.stats import ttest_ind
 
-    if alternative not in ALTERNATIVES:
-        raise ConfigError(f"concepts.alternative={alternative!r} must be one of {', '.join(ALTERNATIVES)}.")
+    check_alternative(alternative)
     a, b = np.asarray(scores, float), np.asarray(random_scores, float)
     if a.std() == 0 and b.std() == 0:
         if a.mean() == b.mean():
@@ -192,19 +198,3 @@ def concept_tcav(name: str, runs: Sequence[tuple[Tensor, Tensor]], baseline: Seq
         p = min(1.0, t_test(scores, rnd, alternative) * n_tests)
         out.append(ConceptResult(name, int(k), scores, rnd, accuracy, p, bool(p < alpha)))
     return out
-
-
-def tcav(concept_runs: dict[str, Sequence[tuple[Tensor, Tensor]]], baseline_pairs: Sequence[tuple[Tensor, Tensor]],
-         class_grads: dict[int, Tensor], alpha: float = 0.05, seed: int = 0,
-         alternative: str = "greater") -> list[ConceptResult]:
-    """TCAV of every concept for every class (p-values Bonferroni-corrected over all of them).
-
-    ``concept_runs``: name → R pairs (concept activations [n,D], random activations [m,D]);
-    ``baseline_pairs``: R pairs of random activations; ``class_grads``: class → gradients
-    [N_k,D] of that class's logit for its images. Independent draws per run make the test
-    calibrated: a "concept" of random examples is exchangeable with the baseline, so it is
-    significant with probability ≤ alpha."""
-    baseline = random_baseline(baseline_pairs, seed)
-    n_tests = len(concept_runs) * len(class_grads)
-    return [r for name, runs in concept_runs.items()
-            for r in concept_tcav(name, runs, baseline, class_grads, n_tests, alpha, seed, alternative)]

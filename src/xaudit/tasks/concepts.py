@@ -24,7 +24,7 @@ from xaudit.reporting import report as rep
 from xaudit.roar.data import TensorSplit
 from xaudit.roar.results import ResultsLog
 from xaudit.tcav import (
-    ALTERNATIVES,
+    check_alternative,
     concept_tcav,
     layer_activations,
     random_baseline,
@@ -35,8 +35,7 @@ from xaudit.utils.errors import ConfigError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
 
-def load_concept_folder(folder: str | Path, name: str, image_size: int, in_chans: int, min_examples: int,
-                        limit: int | None = None) -> Tensor:
+def load_concept_folder(folder: str | Path, name: str, image_size: int, in_chans: int, min_examples: int) -> Tensor:
     """uint8 images [n,C,S,S] of one concept folder (sorted file names, resized to ``image_size``)."""
     from PIL import Image
 
@@ -51,7 +50,7 @@ def load_concept_folder(folder: str | Path, name: str, image_size: int, in_chans
                           "images, or lower concepts.min_examples.")
     mode = "RGB" if in_chans == 3 else "L"
     out = []
-    for f in files[:limit]:
+    for f in files:
         with Image.open(f) as im:
             arr = np.asarray(im.convert(mode).resize((image_size, image_size), Image.BILINEAR))
         out.append(torch.from_numpy(arr.copy()).reshape(image_size, image_size, in_chans).permute(2, 0, 1))
@@ -152,9 +151,7 @@ def run_concepts(cfg: Any, net: nn.Module, datamodule: Any, test: TensorSplit, m
     if not 0 < alpha < 1:
         raise ConfigError(f"concepts.alpha={alpha} must lie in (0, 1).")
     seed = int(cc.get("seed", 0))
-    alternative = str(cc.get("alternative", "greater"))
-    if alternative not in ALTERNATIVES:
-        raise ConfigError(f"concepts.alternative={alternative!r} must be one of {', '.join(ALTERNATIVES)}.")
+    alternative = check_alternative(str(cc.get("alternative", "greater")))
     runs = _check_int(cc.get("num_random", 50), "num_random", 2)
     per_class = _check_int(cc.get("images_per_class", 64), "images_per_class", 1)
     num_classes = int(test.labels.max()) + 1
