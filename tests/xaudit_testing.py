@@ -43,6 +43,13 @@ FAST = [
 ]
 
 
+#: the model the audit tests audit: fast data, checkpointing only, enough epochs to learn the shapes (>0.9)
+AUDITED_TRAIN = [*[o for o in FAST if not o.startswith("callbacks.")], "callbacks=model_checkpoint",
+                 "data.n_train=1200", "data.n_test=300", "++model.backbone.width=16", "trainer.max_epochs=4"]
+#: audit.py overrides for quiet test runs
+QUIET = ["trainer.enable_progress_bar=false", "logger=csv"]
+
+
 def compose_config(overrides: Sequence[str], out: Path, config_name: str = "train") -> DictConfig:
     """Compose ``conf/<config_name>.yaml`` like ``python train.py`` would, writing under ``out``."""
     GlobalHydra.instance().clear()

@@ -23,12 +23,10 @@ from xaudit.tasks.audit import audit
 from xaudit.tasks.train import train
 from xaudit.utils.errors import ConfigError
 
-from xaudit_testing import FAST, ROOT, compose_config, kill_when
+from xaudit_testing import AUDITED_TRAIN, FAST, QUIET, ROOT, compose_config, kill_when
 
-TRAIN = [*[o for o in FAST if not o.startswith("callbacks.")], "callbacks=model_checkpoint",
-         "data.n_train=1200", "data.n_test=300", "++model.backbone.width=16", "trainer.max_epochs=4"]
+TRAIN = AUDITED_TRAIN
 ROAR = ["audit=roar", "roar.fractions=[0.5,0.9]", "explainer=[grad_cam,saliency]"]
-QUIET = ["trainer.enable_progress_bar=false", "logger=csv"]
 ROAR_CELLS = 1 + 2 * 4  # baseline + 2 fractions × (2 methods + 2 controls)
 
 

@@ -22,11 +22,9 @@ from xaudit.tasks.train import train
 from xaudit.tcav import layer_activations, learn_cav, t_test, tcav_score
 from xaudit.utils.errors import ConfigError
 
-from xaudit_testing import FAST, compose_config
+from xaudit_testing import AUDITED_TRAIN, QUIET, compose_config
 
-TRAIN = [*[o for o in FAST if not o.startswith("callbacks.")], "callbacks=model_checkpoint",
-         "data.n_train=1200", "data.n_test=300", "++model.backbone.width=16", "trainer.max_epochs=4"]
-QUIET = ["trainer.enable_progress_bar=false", "logger=csv"]
+TRAIN = AUDITED_TRAIN
 
 
 # -- building blocks ------------------------------------------------------------------------------

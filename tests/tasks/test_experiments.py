@@ -11,12 +11,11 @@ import pytest
 from xaudit.tasks.audit import audit
 from xaudit.tasks.train import train
 
-from xaudit_testing import FAST, compose_config
+from xaudit_testing import FAST, QUIET, compose_config
 
 SMALL_TRAIN = ["data.n_train=1200", "data.n_val=128", "data.n_test=300", "++model.backbone.width=16",
                "trainer.max_epochs=3", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
                "callbacks.explanation_monitor.num_samples=8", "callbacks.explanation_monitor.steps=8"]
-QUIET = ["trainer.enable_progress_bar=false", "logger=csv"]
 
 
 @pytest.fixture(scope="module")
