@@ -115,6 +115,10 @@ def test_shortcut_model_cue_concepts_are_significant_for_their_class_and_clean_n
         assert hit["significant"] and hit["p_value"] < 0.01 and hit["tcav"] > 0.75, hit
         assert hit["layer"] == "features.block4" and len(hit["scores"]) == 50
         assert not clean[f"concepts|background:{cls}|{cls}"]["significant"], cls
+        # the interventional size: the shortcut class lives on its cue, the clean one barely moves
+        assert hit["cue_effect"] > 1.0, hit["cue_effect"]
+        assert abs(clean[f"concepts|background:{cls}|{cls}"]["cue_effect"]) < 0.5
+    assert shortcut["concepts|random|circle"]["cue_effect"] is None
     # the random control is exchangeable with the random baseline, so Bonferroni bounds its family-wise
     # false-positive rate at alpha per audit: of its 8 tests here (2 models × 4 classes) at most one may
     # cross (seed 0 gives shortcut/cross p=0.022), and a miscalibrated test would flag most of them
@@ -134,7 +138,8 @@ def test_report_plot_and_wandb_table(tcav_runs: dict[str, dict[str, Any]]) -> No
         assert (mode_dir / name).is_file(), name
     md = (mode_dir / "report.md").read_text()
     assert "| background:square | square |" in md and "Significant concepts" in md
-    assert "The random control concept is" in md
+    assert "The random control concept is" in md and "cue effect (nats)" in md
+    assert "Setting a class's own cue on its images moves its log-probability by +" in md
     clean_md = (Path(tcav_runs["clean"]["mode_dir"]) / "report.md").read_text()
     assert "random control concept is not significant for any class" in clean_md
     assert Image.open(mode_dir / "tcav_scores.png").size[0] > 400
