@@ -67,6 +67,17 @@ def _check_int(value: Any, key: str, minimum: int) -> int:
 Draw = Callable[[int], Tensor]
 
 
+def shapes_draw_kwargs(cc: Any, datamodule: ShapesDataModule) -> dict[str, Any]:
+    """``generate_shapes`` arguments of the built-in concepts: the datamodule's shapes, the chosen cue."""
+    return {"num_classes": datamodule.num_classes, "image_size": datamodule.image_size,
+            "cue": str(cc.get("cue") or datamodule.cue), "noise": datamodule.noise}
+
+
+def cue_concept(cue: str, class_name: str) -> str:
+    """Name of the built-in concept "this class's cue" (``background:circle``)."""
+    return f"{cue}:{class_name}"
+
+
 def _subsampler(images: Tensor, salt: int) -> Draw:
     """``draw(r)``: a seeded 80 % subset of a fixed set of example images."""
     m = max(2, round(0.8 * len(images)))
@@ -88,13 +99,11 @@ def concept_sources(cc: Any, datamodule: Any, test: TensorSplit) -> tuple[dict[s
     c, size = test.image_shape[0], test.image_shape[1]
     sources: dict[str, Draw] = {}
     if isinstance(datamodule, ShapesDataModule):
-        cue = str(cc.get("cue") or datamodule.cue)
-        kw = {"num_classes": datamodule.num_classes, "image_size": datamodule.image_size, "cue": cue,
-              "noise": datamodule.noise}
+        kw = shapes_draw_kwargs(cc, datamodule)
         base = 7919 * (seed + 1)
         if cc.get("builtin", True):
             for k, cls in enumerate(datamodule.class_names):
-                sources[f"{cue}:{cls}"] = (lambda r, k=k: generate_shapes(
+                sources[cue_concept(kw["cue"], cls)] = (lambda r, k=k: generate_shapes(
                     n, seed=base + 10_000 * (k + 1) + r, cue_class=k, **kw).images)
 
         def random_draw(j: int) -> Tensor:
@@ -127,17 +136,17 @@ def class_images(test: TensorSplit, classes: list[int], per_class: int) -> dict[
     return out
 
 
-def cue_effects(net: nn.Module, datamodule: ShapesDataModule, cue: str, classes: list[int], per_class: int,
-                seed: int, normalise: Callable[[Tensor], Tensor]) -> dict[tuple[int, int], float]:
-    """Interventional effect of each built-in cue concept, beside its TCAV score: ``{(c, k): nats}``.
+def cue_effects(net: nn.Module, cc: Any, datamodule: ShapesDataModule, classes: list[int], per_class: int,
+                normalise: Callable[[Tensor], Tensor]) -> dict[tuple[str, int], float]:
+    """Interventional effect of each built-in cue concept, beside its TCAV score:
+    ``{(concept name, k): nats}``.
 
     The same shapes are drawn twice, once with uniformly drawn cues and once with class c's cue on
     every image; the effect is the mean change of log p_k over the class-k images. TCAV counts the
     sign of a first-order derivative and so cannot tell a class that lives on the cue (several
     nats) from one whose confidence moves by hundredths; the effect gives that magnitude."""
     n = per_class * datamodule.num_classes
-    kw = {"num_classes": datamodule.num_classes, "image_size": datamodule.image_size, "cue": cue,
-          "noise": datamodule.noise, "seed": 7919 * (seed + 1) + 500_000}
+    kw = {**shapes_draw_kwargs(cc, datamodule), "seed": 7919 * (int(cc.get("seed", 0)) + 1) + 500_000}
 
     def log_p(images: Tensor) -> Tensor:
         with explain_mode(net), torch.no_grad():
@@ -146,11 +155,11 @@ def cue_effects(net: nn.Module, datamodule: ShapesDataModule, cue: str, classes:
     plain = generate_shapes(n, spurious_p=0.0, **kw)
     base = log_p(plain.images)
     out = {}
-    for c in range(datamodule.num_classes):
+    for c, name in enumerate(datamodule.class_names):
         moved = log_p(generate_shapes(n, cue_class=c, **kw).images)
         for k in classes:
             rows = plain.labels == k
-            out[(c, k)] = float((moved[rows, k] - base[rows, k]).mean())
+            out[(cue_concept(kw["cue"], name), k)] = float((moved[rows, k] - base[rows, k]).mean())
     return out
 
 
@@ -192,11 +201,6 @@ def run_concepts(cfg: Any, net: nn.Module, datamodule: Any, test: TensorSplit, m
     layer = resolve_layer(net, layer)
     layer_activations(net, layer, probe)  # a non-spatial layer fails here, before any work
     sources, random_draw = concept_sources(cc, datamodule, test)
-    effects: dict[tuple[str, int], float] = {}
-    if isinstance(datamodule, ShapesDataModule) and cc.get("builtin", True):
-        cue = str(cc.get("cue") or datamodule.cue)
-        effects = {(f"{cue}:{datamodule.class_names[c]}", k): v for (c, k), v in
-                   cue_effects(net, datamodule, cue, classes, per_class, seed, test.normalise).items()}
     names = getattr(datamodule, "class_names", None) or [str(k) for k in range(num_classes)]
     concepts = [*sources, "random"]
     results = ResultsLog(mode_dir)
@@ -209,6 +213,9 @@ def run_concepts(cfg: Any, net: nn.Module, datamodule: Any, test: TensorSplit, m
     if all(key in done for key in keys.values()):
         return {key: done[key] for key in keys.values()}
     start = time.perf_counter()
+    effects: dict[tuple[str, int], float] = {}
+    if isinstance(datamodule, ShapesDataModule) and cc.get("builtin", True):
+        effects = cue_effects(net, cc, datamodule, classes, per_class, test.normalise)
 
     def acts(images: Tensor) -> Tensor:
         return layer_activations(net, layer, test.normalise(images))[0]
