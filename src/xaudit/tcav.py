@@ -15,6 +15,7 @@ exchangeable with the baseline and the test is calibrated.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -172,7 +173,11 @@ def t_test(scores: Sequence[float], random_scores: Sequence[float], alternative:
         if a.mean() == b.mean():
             return 1.0
         return 0.0 if (alternative == "two-sided" or a.mean() > b.mean()) else 1.0
-    return float(ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue)
+    with warnings.catch_warnings():
+        # a concept whose every CAV scores the same (e.g. 1.0) is a valid zero-variance sample; scipy
+        # still warns of "precision loss" on it
+        warnings.filterwarnings("ignore", "Precision loss occurred", RuntimeWarning)
+        return float(ttest_ind(a, b, equal_var=False, alternative=alternative).pvalue)
 
 
 def random_baseline(pairs: Sequence[tuple[Tensor, Tensor]], seed: int = 0) -> list[Tensor]:

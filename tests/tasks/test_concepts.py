@@ -18,6 +18,7 @@ from xaudit.data.shapes import generate_shapes
 from xaudit.models import build_backbone
 from xaudit.reporting.wandb_offline import find_offline_runs
 from xaudit.tasks.audit import audit
+from xaudit.tasks.concepts import default_concept_layer
 from xaudit.tasks.train import train
 from xaudit.tcav import layer_activations, learn_cav, t_test, tcav_score
 from xaudit.utils.errors import ConfigError
@@ -79,6 +80,32 @@ def test_cue_class_gives_every_image_that_class_cue() -> None:
         generate_shapes(4, cue_class=4)
 
 
+class _FlatTarget(nn.Module):
+    """A model whose default target layer is not spatial: TCAV falls back to the last feature map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flat = nn.Flatten()
+        self.fc = nn.Linear(4, 2)
+        self.default_target_layer = "flat"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flat(self.pool(self.conv(x))))
+
+
+@pytest.mark.parametrize(("name", "layer"), [("small_cnn", "features.block5"), ("resnet18", "layer4"),
+                                              ("senn", "concepts")])
+def test_default_concept_layer_is_the_default_target_layer(name: str, layer: str) -> None:
+    net = build_backbone(name, 4, width=4) if name != "resnet18" else build_backbone(name, 4)
+    assert default_concept_layer(net.eval(), torch.rand(1, 3, 16, 16)) == layer
+
+
+def test_default_concept_layer_falls_back_to_the_last_feature_map_before_a_flat_target() -> None:
+    assert default_concept_layer(_FlatTarget().eval(), torch.rand(1, 3, 8, 8)) == "pool"
+
+
 # -- acceptance: shortcut vs clean model ----------------------------------------------------------
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
@@ -113,7 +140,7 @@ def test_shortcut_model_cue_concepts_are_significant_for_their_class_and_clean_n
     for cls in CLASSES:
         hit = shortcut[f"concepts|background:{cls}|{cls}"]
         assert hit["significant"] and hit["p_value"] < 0.01 and hit["tcav"] > 0.75, hit
-        assert hit["layer"] == "features.block4" and len(hit["scores"]) == 50
+        assert hit["layer"] == "features.block5" and len(hit["scores"]) == 50
         assert not clean[f"concepts|background:{cls}|{cls}"]["significant"], cls
         # the interventional size: the shortcut class lives on its cue, the clean one barely moves
         assert hit["cue_effect"] > 1.0, hit["cue_effect"]
@@ -186,9 +213,10 @@ def _write_images(folder: Path, n: int, colour: tuple[int, int, int]) -> Path:
 
 @pytest.mark.slow
 def test_user_concept_folder(models: dict[str, str], tmp_path: Path) -> None:
-    red = _write_images(tmp_path / "red", 12, (230, 30, 30))
+    red = _write_images(tmp_path / "red", 40, (230, 30, 30))
+    # 32 subsampled red images + 32 random ones per run: a held-out third of 21 images scores each CAV
     result = run_concepts(models["shortcut"], tmp_path, f"concepts.folders={{red: {red}}}", "concepts.builtin=false",
-                          "concepts.num_random=4", "concepts.examples=24", "concepts.images_per_class=16")
+                          "concepts.num_random=4", "concepts.examples=32", "concepts.images_per_class=16")
     assert set(c["concept"] for c in result["cells"].values()) == {"red", "random"}
     red_cells = [c for c in result["cells"].values() if c["concept"] == "red"]
     assert len(red_cells) == 4 and all(0 <= c["tcav"] <= 1 and c["cav_accuracy"] > 0.9 for c in red_cells)

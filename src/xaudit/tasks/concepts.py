@@ -164,20 +164,21 @@ def cue_effects(net: nn.Module, cc: Any, datamodule: ShapesDataModule, classes: 
 
 
 def default_concept_layer(net: nn.Module, x: Tensor) -> str:
-    """The block before the backbone's default target layer (its preceding spatial sibling).
+    """The backbone's default target layer (the one CAM / Grad-CAM explain), or, where its output
+    is not a feature map, the last spatial layer the forward pass reaches before it.
 
-    The default target layer feeds the global-average-pool → linear head on most backbones, so
-    the gradient of a logit there is the same for every image and TCAV scores degenerate to 0 or
-    1; one block earlier the gradients depend on the image."""
+    On the GAP → linear heads of the supported backbones nothing but the softmax lies between
+    that layer and the class log-probability, so the sign TCAV counts is the sign of what moving
+    the activations along the CAV does to the class. One block earlier a nonlinear block sits in
+    between, and a clean model's thin classes rise there, to first order, along colour directions
+    whose effect on the class is hundredths of a nat (README, "Concept tests")."""
     target = resolve_layer(net, None)
-    parent = target.rpartition(".")[0]
-    depth = target.count(".")
-    siblings = [n for n in spatial_layers(net, x) if n.count(".") == depth and n.rpartition(".")[0] == parent]
-    i = siblings.index(target) if target in siblings else -1
-    for name in reversed(siblings[:max(i, 0)]):
-        if not isinstance(net.get_submodule(name), nn.MaxPool2d | nn.AvgPool2d | nn.ReLU):
-            return name
-    return target
+    spatial = spatial_layers(net, x)
+    if target in spatial:
+        return target
+    order = [n for n, _ in net.named_modules()]
+    before = [n for n in spatial if order.index(n) < order.index(target)]
+    return before[-1] if before else spatial[-1]
 
 
 def run_concepts(cfg: Any, net: nn.Module, datamodule: Any, test: TensorSplit, mode_dir: Path,
