@@ -4,6 +4,7 @@ shortcut vs a clean model, resume, outputs and bad input."""
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,11 @@ def test_t_test_is_welch_one_sided_by_default() -> None:
     assert t_test(b, a) > 0.9, "a concept that lowers the class is not 'significant' one-sided"
     assert t_test(b, a, "two-sided") == pytest.approx(ttest_ind(a, b, equal_var=False).pvalue, rel=1e-12)
     assert t_test([1.0, 1.0], [1.0, 1.0]) == 1.0
+    with warnings.catch_warnings():  # every CAV scoring 1.0 is a valid zero-variance sample: no scipy warning
+        warnings.simplefilter("error")
+        p = t_test([1.0] * 50, [0.2, 0.5, 0.9, 0.4, 0.6] * 10)
+    assert p == pytest.approx(ttest_ind([1.0] * 50, [0.2, 0.5, 0.9, 0.4, 0.6] * 10, equal_var=False,
+                                        alternative="greater").pvalue, rel=1e-12) and p < 1e-15
     with pytest.raises(ConfigError, match="alternative='less' must be one of greater, two-sided"):
         t_test(a, b, "less")
 
