@@ -25,34 +25,65 @@ def setup() -> dict[str, object]:
     return {"model": model, "x": x, "y": torch.tensor([0, 1, 2]), "saliency": create("saliency", model)}
 
 
-def _quantus(metric_cls: type, setup: dict, noise: Tensor, **kw: object) -> np.ndarray:
+def _quantus(metric_cls: type, setup: dict, noise: Tensor, normalise: bool, **kw: object) -> np.ndarray:
+    """Quantus' scores, one image per call: its ``normalise_by_max`` takes the max over the whole
+    batch, xaudit's over each image, and the two agree on a batch of one."""
     quantus = pytest.importorskip("quantus")
-    x, y, explainer = setup["x"], setup["y"], setup["saliency"]
-    draws = iter(noise)
+    explainer, scores = setup["saliency"], []
+    for i in range(setup["x"].shape[0]):
+        x, y = setup["x"][i:i + 1], setup["y"][i:i + 1]
+        draws = iter(noise[:, i:i + 1])
 
-    def perturb(arr: np.ndarray, indices: object, **_: object) -> np.ndarray:
-        return (torch.from_numpy(arr).view_as(x) + next(draws)).reshape(arr.shape).numpy()
+        def perturb(arr: np.ndarray, indices: object, x: Tensor = x, draws: object = draws, **_: object) -> np.ndarray:
+            return (torch.from_numpy(arr).view_as(x) + next(draws)).reshape(arr.shape).numpy()
 
-    def explain(model: object, inputs: np.ndarray, targets: np.ndarray, **_: object) -> np.ndarray:
-        return explainer.attribute(torch.from_numpy(inputs).float(), torch.from_numpy(targets).long()).numpy()
+        def explain(model: object, inputs: np.ndarray, targets: np.ndarray, **_: object) -> np.ndarray:
+            return explainer.attribute(torch.from_numpy(inputs).float(), torch.from_numpy(targets).long()).numpy()
 
-    attr = explain(None, x.numpy(), y.numpy())
-    metric = getattr(quantus, metric_cls)(nr_samples=noise.shape[0], perturb_func=perturb, normalise=False,
-                                           abs=False, disable_warnings=True, **kw)
-    return np.asarray(metric(model=setup["model"], x_batch=x.numpy(), y_batch=y.numpy(), a_batch=attr,
-                             explain_func=explain, device="cpu"))
+        metric = getattr(quantus, metric_cls)(nr_samples=noise.shape[0], perturb_func=perturb, normalise=normalise,
+                                               abs=False, disable_warnings=True, **kw)
+        scores += metric(model=setup["model"], x_batch=x.numpy(), y_batch=y.numpy(),
+                         a_batch=explain(None, x.numpy(), y.numpy()), explain_func=explain, device="cpu")
+    return np.asarray(scores)
 
 
+@pytest.mark.parametrize("normalise", [False, True])
 @pytest.mark.parametrize(("ours", "theirs", "kw"), [(MaxSensitivity, "MaxSensitivity", {"radius": 0.1}),
                                                    (LocalLipschitz, "LocalLipschitzEstimate", {"sigma": 0.1})])
-def test_parity_with_quantus_on_identical_noise(setup: dict, ours: type, theirs: str, kw: dict) -> None:
-    metric = ours(setup["model"], n=5, **kw)
+def test_parity_with_quantus_on_identical_noise(setup: dict, ours: type, theirs: str, kw: dict,
+                                                normalise: bool) -> None:
+    metric = ours(setup["model"], n=5, normalise=normalise, **kw)
     noise = metric.noise(setup["x"])
     attr = setup["saliency"].attribute(setup["x"], setup["y"])
     metric.update(setup["x"], attr, setup["y"], setup["saliency"], noise=noise)
-    expected = _quantus(theirs, setup, noise)
+    expected = _quantus(theirs, setup, noise, normalise)
     np.testing.assert_allclose(metric.per_sample().numpy(), expected, rtol=RTOL)
     assert float(metric.compute()) == pytest.approx(float(expected.mean()), rel=RTOL)
+
+
+def test_local_lipschitz_normalises_by_default_so_a_map_s_scale_does_not_matter(setup: dict) -> None:
+    """A gradient map and the same map ×1000 are equally robust; unnormalised, the ratio scales."""
+    x, y, e = setup["x"], setup["y"], setup["saliency"]
+
+    class Scaled(type(e)):
+        def _attribute(self, x: Tensor, target: object) -> Tensor:
+            return super()._attribute(x, target) * 1000.0
+
+    scaled = Scaled(setup["model"])
+    assert LocalLipschitz(setup["model"]).normalise and not MaxSensitivity(setup["model"]).normalise
+    values = {}
+    for normalise in (True, False):
+        for name, explainer in (("saliency", e), ("scaled", scaled)):
+            m = LocalLipschitz(setup["model"], n=3, normalise=normalise)
+            m.update(x, explainer.attribute(x, y), y, explainer)
+            values[name, normalise] = m.per_sample()
+    torch.testing.assert_close(values["scaled", True], values["saliency", True], rtol=1e-4, atol=0)
+    torch.testing.assert_close(values["scaled", False], values["saliency", False] * 1000, rtol=1e-4, atol=0)
+
+
+def test_normalise_must_be_a_bool(setup: dict) -> None:
+    with pytest.raises(ValueError, match=r"normalise='yes' must be true or false"):
+        create_metric("local_lipschitz", model=setup["model"], normalise="yes")
 
 
 class Constant(Explainer):

@@ -5,14 +5,19 @@
 - :class:`LocalLipschitz` (Alvarez-Melis & Jaakkola, 2018, "On the robustness of interpretability
   methods"): ``max_j ||Φ(x+δ_j) − Φ(x)||_2 / ||δ_j||_2`` with δ_j ~ N(0, σ²).
 
-Both follow Quantus' definitions (``quantus.MaxSensitivity`` / ``LocalLipschitzEstimate`` with
-``normalise=False, abs=False``) and give the same values on the same noise (tests/metrics/
-test_robustness.py). Lower is more robust. The explanation of the same target is recomputed on all
-``n`` noisy copies of a batch in chunks of ``internal_batch_size`` images; the noise comes from a
-generator seeded by ``seed`` and each image's own bits (the explainers' ``image_seeds``), so values
-are bit-reproducible, independent of batch composition and DDP rank, and the global RNG is untouched.
-``update(x, attr, target, explainer)``: the explainer that produced ``attr`` (the audit and the
-monitor pass it).
+Both follow Quantus' definitions (``quantus.MaxSensitivity`` / ``LocalLipschitzEstimate``, ``abs=False``)
+and give the same values on the same noise (tests/metrics/test_robustness.py). Lower is more robust.
+``normalise=True`` divides every map, the clean one and each noisy one, by its own max |Φ| first
+(Quantus' ``normalise_by_max``, taken per image rather than over the whole batch). It is the default
+for ``LocalLipschitz``, whose ratio is otherwise in the map's own units: a gradient map and a [0, 1]
+map could not be compared, and the audit ranks methods on it. ``MaxSensitivity`` is already
+relative to ||Φ(x)|| and defaults to ``normalise=False``, Yeh et al.'s definition.
+
+The explanation of the same target is recomputed on all ``n`` noisy copies of a batch in chunks of
+``internal_batch_size`` images; the noise comes from a generator seeded by ``seed`` and each image's
+own bits (the explainers' ``image_seeds``), so values are bit-reproducible, independent of batch
+composition and DDP rank, and the global RNG is untouched. ``update(x, attr, target, explainer)``:
+the explainer that produced ``attr`` (the audit and the monitor pass it).
 """
 
 from __future__ import annotations
@@ -56,12 +61,16 @@ class _Robustness(ModelHolder, XAuditMetric):
     noise_key: ClassVar[str] = ""
 
     def __init__(self, model: nn.Module, n: int = 10, seed: int = 0, internal_batch_size: int = 64,
-                 **kwargs: Any) -> None:
+                 normalise: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._hold(model)
         self.n = check_positive_int(n, "n")
         self.seed = int(seed)
         self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        if not isinstance(normalise, bool):
+            raise ConfigError(f"normalise={normalise!r} must be true or false (divide each map by its max |value| "
+                              "before comparing).")
+        self.normalise = normalise
 
     def noise(self, x: Tensor) -> Tensor:
         """The ``n`` perturbations [n,B,C,H,W] of ``x`` (same seed and image → same noise)."""
@@ -101,9 +110,17 @@ class _Robustness(ModelHolder, XAuditMetric):
                 maps.append(explainer.attribute(noisy[i:i + self.internal_batch_size],
                                                 targets[i:i + self.internal_batch_size]).float())
         perturbed = torch.cat(maps).view(n, b, -1)
-        diff = perturbed - attr.float().flatten(1)[None]
-        ratios = self._ratio(diff, attr.float().flatten(1)[None], delta.float().flatten(2))  # [n,B]
+        clean = attr.float().flatten(1)[None]
+        if self.normalise:
+            perturbed, clean = _by_max(perturbed), _by_max(clean)
+        ratios = self._ratio(perturbed - clean, clean, delta.float().flatten(2))  # [n,B]
         self._add_values(ratios.amax(0))
+
+
+def _by_max(maps: Tensor) -> Tensor:
+    """Each flattened map [..., D] divided by its max |value|; an all-zero map stays zero."""
+    peak = maps.abs().amax(-1, keepdim=True)
+    return maps / torch.where(peak > 0, peak, torch.ones_like(peak))
 
 
 @register_metric("max_sensitivity")
@@ -111,8 +128,9 @@ class MaxSensitivity(_Robustness):
     """Max relative change of the map under uniform noise of radius ``radius`` (Yeh et al., 2019)."""
 
     def __init__(self, model: nn.Module, radius: float = 0.05, n: int = 10, seed: int = 0,
-                 internal_batch_size: int = 64, **kwargs: Any) -> None:
-        super().__init__(model, n=n, seed=seed, internal_batch_size=internal_batch_size, **kwargs)
+                 internal_batch_size: int = 64, normalise: bool = False, **kwargs: Any) -> None:
+        super().__init__(model, n=n, seed=seed, internal_batch_size=internal_batch_size, normalise=normalise,
+                         **kwargs)
         self.radius = check_positive_float(radius, "radius")
 
     def _draw(self, shape: torch.Size, g: torch.Generator, x: Tensor) -> Tensor:
@@ -124,11 +142,16 @@ class MaxSensitivity(_Robustness):
 
 @register_metric("local_lipschitz")
 class LocalLipschitz(_Robustness):
-    """Max ||ΔΦ|| / ||Δx|| under Gaussian noise of std ``sigma`` (Alvarez-Melis & Jaakkola, 2018)."""
+    """Max ||ΔΦ|| / ||Δx|| under Gaussian noise of std ``sigma`` (Alvarez-Melis & Jaakkola, 2018).
+
+    ``normalise=True`` (default): maps are divided by their max |Φ| first, so methods whose maps
+    differ in scale (gradients, [0, 1] masks, relevances in logit units) are compared fairly.
+    """
 
     def __init__(self, model: nn.Module, sigma: float = 0.1, n: int = 10, seed: int = 0,
-                 internal_batch_size: int = 64, **kwargs: Any) -> None:
-        super().__init__(model, n=n, seed=seed, internal_batch_size=internal_batch_size, **kwargs)
+                 internal_batch_size: int = 64, normalise: bool = True, **kwargs: Any) -> None:
+        super().__init__(model, n=n, seed=seed, internal_batch_size=internal_batch_size, normalise=normalise,
+                         **kwargs)
         self.sigma = check_positive_float(sigma, "sigma")
 
     def _draw(self, shape: torch.Size, g: torch.Generator, x: Tensor) -> Tensor:
