@@ -233,7 +233,10 @@ def test_user_concept_folder(models: dict[str, str], tmp_path: Path) -> None:
     (["concepts.folders={few: FEW}"], r"concepts.folders.few: .* holds 3 images, fewer than concepts.min_examples=10"),
     (["concepts.folders={gone: /no/such/folder}"], r"concepts.folders.gone: /no/such/folder is not a directory"),
     (["concepts.layer=fc"], r"concepts.layer 'fc' outputs shape \(1, 4\), not a spatial .*features.block4"),
-    (["concepts.layer=features.block9"], r"features.block9.*features.block5"),
+    # the choices are the spatial layers: the flat head ("fc") is not offered
+    (["concepts.layer=features.block9"],
+     r"^(?!.*\bfc\b)Unknown layer 'features.block9' \(concepts.layer\)\..*Choices: avgpool, features, features\.block1, "
+     r".*features\.block5,"),
     (["concepts.num_random=1"], r"concepts.num_random=1 must be an integer ≥2"),
     (["concepts.alpha=1.5"], r"concepts.alpha=1.5 must lie in \(0, 1\)"),
     (["concepts.classes=[7]"], r"concepts.classes holds 7; valid classes are 0..3"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 from torch import Tensor, nn
@@ -34,11 +34,14 @@ def default_target_layer(model: nn.Module) -> str:
     return f"{prefix}.{layer}" if prefix else layer
 
 
-def resolve_layer(model: nn.Module, name: str | None) -> str:
+def resolve_layer(model: nn.Module, name: str | None, key: str = "explainer.target_layer",
+                  choices: Iterable[str] | None = None) -> str:
     """Full dotted name of ``name`` in ``model`` (default: the backbone's target layer).
 
     A name relative to the backbone also works on a wrapper (``layer4`` on a Lightning
-    ``Classifier`` whose backbone is ``net``), so configs need not know the wrapping.
+    ``Classifier`` whose backbone is ``net``), so configs need not know the wrapping. An unknown
+    name is refused naming the config ``key`` it came from and listing ``choices`` (default: every
+    layer).
     """
     if name is None:
         name = default_target_layer(model)
@@ -50,7 +53,7 @@ def resolve_layer(model: nn.Module, name: str | None) -> str:
     prefix = _backbone_prefix(model)
     if prefix and f"{prefix}.{name}" in valid:
         return f"{prefix}.{name}"
-    raise unknown_choice("target_layer", name, valid, key="explainer.target_layer")
+    raise unknown_choice(key.rsplit(".", 1)[-1], name, valid if choices is None else choices, key=key)
 
 
 class Recorder:
