@@ -57,9 +57,9 @@ def layer_activations(model: nn.Module, layer: str | None, x: Tensor, target: Te
     implementation differentiates (the negative of its cross-entropy loss): a direction that raises
     every logit alike does not count as evidence for one class.
 
-    A layer whose output is not a [B,K,h,w] feature map raises a :class:`ConfigError` that lists
-    the layers that are."""
-    name = resolve_layer(model, layer)
+    An unknown layer, or one whose output is not a [B,K,h,w] feature map, raises a
+    :class:`ConfigError` that lists the layers that are."""
+    name = resolve_layer(model, layer, key="concepts.layer", choices=lambda: spatial_layers(model, x))
     module = model.get_submodule(name)
     acts, grads = [], []
     with explain_mode(model):

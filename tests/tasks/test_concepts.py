@@ -255,3 +255,5 @@ def test_non_spatial_layer_lists_the_spatial_ones() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
     with pytest.raises(ConfigError, match=r"layer '3' outputs shape \(2, 4\).*spatial output: 0, 1, 2"):
         layer_activations(net, "3", torch.randn(2, 3, 8, 8))
+    with pytest.raises(ConfigError, match=r"Unknown layer '9' \(concepts.layer\)\. Choices: 0, 1, 2\.$"):
+        layer_activations(net, "9", torch.randn(2, 3, 8, 8))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from torch import Tensor, nn
@@ -35,13 +35,13 @@ def default_target_layer(model: nn.Module) -> str:
 
 
 def resolve_layer(model: nn.Module, name: str | None, key: str = "explainer.target_layer",
-                  choices: Iterable[str] | None = None) -> str:
+                  choices: Callable[[], Iterable[str]] | None = None) -> str:
     """Full dotted name of ``name`` in ``model`` (default: the backbone's target layer).
 
     A name relative to the backbone also works on a wrapper (``layer4`` on a Lightning
     ``Classifier`` whose backbone is ``net``), so configs need not know the wrapping. An unknown
-    name is refused naming the config ``key`` it came from and listing ``choices`` (default: every
-    layer).
+    name is refused naming the config ``key`` it came from and listing ``choices()`` (called only
+    then; default: every layer).
     """
     if name is None:
         name = default_target_layer(model)
@@ -53,7 +53,7 @@ def resolve_layer(model: nn.Module, name: str | None, key: str = "explainer.targ
     prefix = _backbone_prefix(model)
     if prefix and f"{prefix}.{name}" in valid:
         return f"{prefix}.{name}"
-    raise unknown_choice(key.rsplit(".", 1)[-1], name, valid if choices is None else choices, key=key)
+    raise unknown_choice(key.rsplit(".", 1)[-1], name, valid if choices is None else choices(), key=key)
 
 
 class Recorder:

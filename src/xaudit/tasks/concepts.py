@@ -199,8 +199,8 @@ def run_concepts(cfg: Any, net: nn.Module, datamodule: Any, test: TensorSplit, m
             raise ConfigError(f"concepts.classes holds {k}; valid classes are 0..{num_classes - 1}.")
     probe = test.normalise(test.images[:1])
     layer = str(cc.get("layer") or default_concept_layer(net, probe))
-    layer = resolve_layer(net, layer, key="concepts.layer", choices=spatial_layers(net, probe))
-    layer_activations(net, layer, probe)  # a non-spatial layer fails here, before any work
+    layer_activations(net, layer, probe)  # an unknown or non-spatial layer fails here, before any work
+    layer = resolve_layer(net, layer)
     sources, random_draw = concept_sources(cc, datamodule, test)
     names = getattr(datamodule, "class_names", None) or [str(k) for k in range(num_classes)]
     concepts = [*sources, "random"]
