@@ -3,10 +3,13 @@
 Thin entry point: Hydra composes conf/train.yaml, xaudit.tasks.train does the work.
 """
 
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 from xaudit.tasks.train import train
+from xaudit.utils.launcher import pin_slurm_shape
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -16,4 +19,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = pin_slurm_shape(sys.argv, "train")  # --cfg hydra shows the Slurm shape as numbers
     main()

@@ -33,7 +33,7 @@ from xaudit.metrics import (
     RelevanceMass,
     spearman,
 )
-from xaudit.metrics.base import evaluating
+from xaudit.metrics.base import evaluating, forward_probs, model_device_dtype
 from xaudit.metrics.registry import TORCHMETRICS_OPTIONS
 from xaudit.reporting.overlays import grid_image
 from xaudit.utils.errors import ConfigError, check_options, unknown_choice
@@ -146,30 +146,39 @@ class ExplanationMonitor(pl.Callback):
         self.cell = int(cell)
         self.probe: dict[str, torch.Tensor] | None = None
         self.explainers: dict[str, Any] = {}
+        self._prepared: nn.Module | None = None  # the model the explainers were created and dry-run for
         self.previous: dict[str, torch.Tensor] = {}
         self.class_names: list[str] | None = None
         self.history: list[dict[str, float]] = []
 
     # -- setup: everything that can be wrong fails here, before the first epoch -------------------
+    # The probe is drawn in ``setup`` (config errors surface before anything runs), but the dry run
+    # waits for ``on_fit_start``: Lightning moves the module to its device and converts it for
+    # ``*-true`` precision in ``strategy.setup``, which runs after callbacks' ``setup``.
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         dataset = self._val_dataset(trainer)
         if dataset is not None:
-            self._build(trainer, pl_module, dataset)
+            self._build(trainer, dataset)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.probe is not None:
+            self._prepare(pl_module)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.probe is None and not trainer.sanity_checking:
             loaders = trainer.val_dataloaders
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
-            self._build(trainer, pl_module, loader.dataset)
+            self._build(trainer, loader.dataset)
 
     @staticmethod
     def _val_dataset(trainer: pl.Trainer) -> Dataset | None:
         dm = trainer.datamodule
         return getattr(dm, "val_set", None) if dm is not None else None
 
-    def _build(self, trainer: pl.Trainer, pl_module: pl.LightningModule, dataset: Dataset) -> None:
+    def _build(self, trainer: pl.Trainer, dataset: Dataset) -> None:
+        """Draw the probe batch (kept float32 on the CPU; moved and cast where it is used)."""
         n = len(dataset)  # type: ignore[arg-type]
         if self.num_samples > n:
             raise ConfigError(
@@ -177,7 +186,8 @@ class ExplanationMonitor(pl.Callback):
                 f"samples; use num_samples ≤{n}.")
         idx = balanced_indices(dataset_labels(dataset), self.num_samples, self.seed)
         items = [dataset[int(i)] for i in idx]
-        probe = {k: torch.stack([torch.as_tensor(it[k]) for it in items]) for k in items[0]}
+        probe = {k: torch.stack([torch.as_tensor(it[k]) for it in items]).cpu() for k in items[0]}
+        probe["image"] = probe["image"].float()
         has_mask = "mask" in probe
         wanted_masks = [m for m in self.metric_names if m in MASK_METRICS]
         if wanted_masks and not has_mask:
@@ -187,23 +197,42 @@ class ExplanationMonitor(pl.Callback):
                     "has none. Drop them from callbacks.explanation_monitor.metrics or use metrics=auto.")
             warnings.warn(f"ExplanationMonitor: the data has no masks; skipping {wanted_masks}.", stacklevel=2)
             self.metric_names = [m for m in self.metric_names if m not in MASK_METRICS]
-        self.probe = {k: v.to(pl_module.device) for k, v in probe.items()}
+        self.probe = probe
+        self._prepared = None
         dm = trainer.datamodule
         self.class_names = list(getattr(dm, "class_names", []) or []) or None
         self._denorm = getattr(dm, "denormalize", None)
+
+    def _prepare(self, pl_module: pl.LightningModule) -> None:
+        """Create the explainers for this model and dry-run each on two probe images, once per model.
+
+        Wrong layers and unsupported heads fail here (at fit start), not at epoch 3. The explainers
+        read the model's device and dtype at every call, so a later move or conversion is followed.
+        """
         model = self._model(pl_module)
-        x = self.probe["image"][:2]
-        with evaluating(model, grad=True):  # dry run: wrong layers / unsupported heads fail now, not at epoch 3
+        if self._prepared is model:
+            return
+        probe = self._probe_on(model)
+        x, y = probe["image"][:2], probe["label"][:2]
+        self.explainers = {}
+        with evaluating(model, grad=True):
             for name, kw in self.specs.items():
                 explainer = create(name, model, **kw)
                 try:
-                    explainer.attribute(x, self.probe["label"][:2])
+                    explainer.attribute(x, y)
                 except UnsupportedModelError as err:
                     if name != "cam":
                         raise
                     warnings.warn(f"ExplanationMonitor: skipping cam ({err})", stacklevel=2)
                     continue
                 self.explainers[name] = explainer
+        self._prepared = model
+
+    def _probe_on(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """The probe batch on the model's current device (images stay float32)."""
+        assert self.probe is not None
+        device, _ = model_device_dtype(model, self.probe["image"])
+        return {k: v.to(device) for k, v in self.probe.items()}
 
     @staticmethod
     def _model(pl_module: pl.LightningModule) -> nn.Module:
@@ -229,14 +258,17 @@ class ExplanationMonitor(pl.Callback):
     def explain(self, pl_module: pl.LightningModule) -> dict[str, Any]:
         """Maps, predictions and per-sample metric values for the probe batch (no logging)."""
         assert self.probe is not None
+        self._prepare(pl_module)
         model = self._model(pl_module)
-        x, y = self.probe["image"], self.probe["label"]
-        mask = self.probe.get("mask")
+        # float32 images on the model's device: explainers and metrics cast them to the model's dtype
+        # for its forwards; maps come back in float32, probabilities and scores in ≥ float32
+        probe = self._probe_on(model)
+        x, y, mask = probe["image"], probe["label"], probe.get("mask")
         maps: dict[str, torch.Tensor] = {}
         values: dict[str, dict[str, torch.Tensor]] = {}
         with evaluating(model, grad=True):
             with torch.no_grad():
-                probs = model(x).softmax(-1)
+                probs = forward_probs(model, x)
             for name, explainer in self.explainers.items():
                 attr = explainer.attribute(x, y)
                 maps[name] = attr

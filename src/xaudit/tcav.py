@@ -34,6 +34,12 @@ def _batches(x: Tensor, batch_size: int) -> Iterator[Tensor]:
         yield x[i:i + batch_size]
 
 
+def on_model(model: nn.Module, x: Tensor) -> Tensor:
+    """``x`` on the device (and in the floating dtype) of ``model``'s parameters."""
+    p = next(model.parameters(), None)
+    return x if p is None else x.to(device=p.device, dtype=p.dtype if p.dtype.is_floating_point else x.dtype)
+
+
 def spatial_layers(model: nn.Module, x: Tensor) -> list[str]:
     """Layers whose output for ``x`` (one image suffices) is a [B,K,h,w] feature map."""
     found: dict[str, bool] = {}
@@ -42,7 +48,7 @@ def spatial_layers(model: nn.Module, x: Tensor) -> list[str]:
                for n, m in model.named_modules() if n]
     try:
         with torch.no_grad(), explain_mode(model):
-            model(x[:1])
+            model(on_model(model, x[:1]))
     finally:
         for h in handles:
             h.remove()
@@ -66,7 +72,7 @@ def layer_activations(model: nn.Module, layer: str | None, x: Tensor, target: Te
         for i, xb in enumerate(_batches(x, batch_size)):
             want_grad = target is not None
             with torch.set_grad_enabled(want_grad), record_output(module, track_grad=want_grad) as rec:
-                logits = model(xb)
+                logits = model(on_model(model, xb))
             a = rec.output
             if a is None:
                 raise ConfigError(f"concepts.layer {name!r} was not called in the model's forward; pick a layer on "
@@ -76,14 +82,14 @@ def layer_activations(model: nn.Module, layer: str | None, x: Tensor, target: Te
                     f"concepts.layer {name!r} outputs shape {tuple(a.shape)}, not a spatial [B,K,h,w] feature map; "
                     f"TCAV learns concepts in a convolutional layer. Layers with spatial output: "
                     f"{', '.join(spatial_layers(model, x))}.")
-            acts.append(a.detach().flatten(1).float())
+            acts.append(a.detach().flatten(1).float().cpu())
             if target is not None:
                 tb = target[i * batch_size:i * batch_size + xb.shape[0]].to(logits.device)
                 # log p_k (the negative cross-entropy, as the TCAV reference differentiates), in float64
                 # so that a confident prediction keeps a non-zero gradient
                 logp = torch.log_softmax(logits.double(), 1).gather(1, tb[:, None])
                 (g,) = torch.autograd.grad(logp.sum(), a)
-                grads.append(g.detach().flatten(1).float())
+                grads.append(g.detach().flatten(1).float().cpu())
     return torch.cat(acts), (torch.cat(grads) if target is not None else None)
 
 

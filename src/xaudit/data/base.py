@@ -7,6 +7,7 @@ truth exists.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -14,7 +15,29 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from xaudit.utils.errors import count_or_auto
+
 Batch = dict[str, torch.Tensor]
+#: ``num_workers="auto"`` never starts more loader workers than this per process
+MAX_AUTO_WORKERS = 8
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (a Slurm task's allocation, a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def auto_num_workers(cpus: int | None = None, processes: int = 1) -> int:
+    """Loader workers for ``num_workers="auto"``: ``min(8, c - 1)`` with ``c`` CPUs per training process.
+
+    With two CPUs or fewer per process there are none: the main process needs them for the
+    model (on a CPU trainer) or to feed the GPU, and the in-memory datasets cost little per item.
+    """
+    per_process = max(1, (usable_cpus() if cpus is None else int(cpus)) // max(1, int(processes)))
+    return 0 if per_process <= 2 else min(MAX_AUTO_WORKERS, per_process - 1)
 
 
 class TensorDictDataset(Dataset):
@@ -99,6 +122,10 @@ class XAuditDataModule(pl.LightningDataModule):
     Subclasses fill ``self.train_set``, ``self.val_set``, ``self.test_set`` in ``setup`` and set
     ``num_classes``, ``in_chans``, ``image_size``, ``mean``, ``std``, ``class_names`` and
     ``has_masks`` in ``__init__`` (so a model can be built before ``setup``).
+
+    ``num_workers`` is a count or "auto" (:func:`auto_num_workers`, split between the training
+    processes of a node). Batches are put in pinned memory only when the trainer runs on CUDA,
+    where Lightning's ``non_blocking`` copy then overlaps the transfer; on CPU pinning only costs.
     """
 
     num_classes: int
@@ -109,18 +136,33 @@ class XAuditDataModule(pl.LightningDataModule):
     class_names: list[str]
     has_masks: bool = False
 
-    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int = 0,
+    def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int | str = 0,
                  seed: int = 0) -> None:
         super().__init__()
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
-        self.num_workers = int(num_workers)
+        self.num_workers_option = count_or_auto(
+            num_workers, "data.num_workers", 0, f"from the CPUs per training process, at most {MAX_AUTO_WORKERS}")
         self.seed = int(seed)
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
     # -- helpers ---------------------------------------------------------------------------
+    @property
+    def num_workers(self) -> int:
+        """Loader workers per process: the configured count, or "auto" resolved for this trainer."""
+        if isinstance(self.num_workers_option, int):
+            return self.num_workers_option
+        trainer = getattr(self, "trainer", None)
+        return auto_num_workers(processes=int(trainer.num_devices) if trainer is not None else 1)
+
+    @property
+    def pin_memory(self) -> bool:
+        """Pinned batches only for a CUDA trainer (what makes the host→GPU copy asynchronous)."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is None:
@@ -139,13 +181,15 @@ class XAuditDataModule(pl.LightningDataModule):
                 if train
                 else UnpaddedDistributedSampler(dataset, num_replicas=world, rank=rank)
             )
+        workers = self.num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            pin_memory=self.pin_memory,
             drop_last=False,
         )
 

@@ -70,7 +70,7 @@ class CIFAR10DataModule(XAuditDataModule):
 
     def __init__(self, data_dir: str = "data", download: bool = False, val_size: int = 5000,
                  augment: bool = True, batch_size: int = 128, eval_batch_size: int | None = None,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int | str = 0, seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, seed=seed)
         self.data_dir = str(data_dir)

@@ -44,7 +44,7 @@ class ImageFolderDataModule(XAuditDataModule):
     def __init__(self, data_dir: str, image_size: int = 224, grayscale: bool = False,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
                  augment: bool = True, batch_size: int = 64, eval_batch_size: int | None = None,
-                 num_workers: int = 0, seed: int = 0) -> None:
+                 num_workers: int | str = 0, seed: int = 0) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size,
                          num_workers=num_workers, seed=seed)
         self.data_dir = Path(str(data_dir)).expanduser()

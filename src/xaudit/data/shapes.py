@@ -172,7 +172,7 @@ class ShapesDataModule(XAuditDataModule):
         noise: float = 0.04,
         batch_size: int = 128,
         eval_batch_size: int | None = None,
-        num_workers: int = 0,
+        num_workers: int | str = 0,
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, eval_batch_size=eval_batch_size,

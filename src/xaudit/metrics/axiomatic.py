@@ -18,6 +18,7 @@ from xaudit.metrics.base import (
     check_target_range,
     evaluating,
     make_substrate,
+    model_logits,
     target_scores,
 )
 from xaudit.metrics.registry import register_metric
@@ -60,10 +61,11 @@ class Completeness(ModelHolder, XAuditMetric):
         check_target(target, x.shape[0], name)
         target = target.to(x.device)
         with evaluating(self.model):
-            logits = self.model(x)
+            logits = model_logits(self.model, x)
             check_target_range(target, logits.shape[-1])
             f_x = target_scores(logits, target, self.output)
-            f_base = target_scores(self.model(make_substrate(x, self.baseline, self.blur_sigma)), target, self.output)
+            base = make_substrate(x, self.baseline, self.blur_sigma)
+            f_base = target_scores(model_logits(self.model, base), target, self.output)
         delta = (f_x - f_base).double()
         total = attr.to(x.device).flatten(1).double().sum(1)
         self._add_values((total - delta).abs() / delta.abs().clamp_min(self.eps))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -26,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
+from xaudit.explainers.base import compute_dtype
 from xaudit.explainers.fills import FillLike, make_fill
 from xaudit.utils.errors import ConfigError, unknown_choice
 
@@ -236,12 +238,43 @@ def evaluating(model: nn.Module, grad: bool = False) -> Iterator[None]:
             m.training = flag
 
 
+def model_device_dtype(model: nn.Module, x: Tensor) -> tuple[torch.device, torch.dtype]:
+    """The device and floating dtype the model computes in, read from its parameters (then buffers).
+
+    Read at every use, not cached: Lightning moves a module to its device and converts it for
+    ``*-true`` precision in ``strategy.setup``, after callbacks' ``setup`` ran, and a module's
+    ``device``/``dtype`` attributes can report the target before the weights are there. A
+    parameter-free model computes on ``x``'s device in ``x``'s dtype.
+    """
+    first = next(chain(model.parameters(), model.buffers()), None)
+    return (first.device if first is not None else x.device), compute_dtype(model, x)
+
+
+def score_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What probabilities, sums and integrals accumulate in: at least float32 (float64 stays float64),
+    so a bfloat16/float16 model's scores are not summed in 8 or 11 bits."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def model_logits(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` with ``x`` moved to the model's device and cast to its dtype (see :func:`model_device_dtype`)."""
+    device, dtype = model_device_dtype(model, x)
+    return model(x.to(device=device, dtype=dtype))
+
+
+def forward_probs(model: nn.Module, x: Tensor) -> Tensor:
+    """Softmax probabilities [B,K] of ``model`` on ``x``, computed in :func:`score_dtype` of the logits."""
+    logits = model_logits(model, x)
+    return logits.to(score_dtype(logits.dtype)).softmax(dim=-1)
+
+
 def target_scores(logits: Tensor, target: Tensor, output: str = "prob") -> Tensor:
-    """The explained class's softmax probability (``prob``) or raw ``logit``, in float32."""
-    logits = logits.float()
+    """The explained class's softmax probability (``prob``) or raw ``logit`` [B], in at least float32
+    (float64 for a float64 model), on ``target``'s device."""
+    logits = logits.to(score_dtype(logits.dtype))
     if output == "prob":
         logits = logits.softmax(dim=-1)
-    return logits.gather(1, target.view(-1, 1)).squeeze(1)
+    return logits.gather(1, target.to(logits.device).view(-1, 1)).squeeze(1).to(target.device)
 
 
 def blockwise_scores(model: nn.Module, n: int, per_sample: int, build: Callable[[int, int, int, int], Tensor],
@@ -251,19 +284,24 @@ def blockwise_scores(model: nn.Module, n: int, per_sample: int, build: Callable[
     ``build(s0, s1, t0, t1)`` returns the variants t0..t1 of images s0..s1 as [(s1-s0)·(t1-t0),C,H,W]
     (sample-major). A forward holds at most ``chunk`` images — whole samples when they fit, else
     slices of one sample's variants — so a batch × variants × C × H × W tensor never exists.
-    Blocks of whole samples are built by broadcasting, with no per-image gathers.
+    Blocks of whole samples are built by broadcasting, with no per-image gathers. Each block is
+    cast to the model's device and dtype for its forward; the scores are in :func:`score_dtype`
+    of the logits (float32 for a float32, bfloat16 or float16 model) on ``target``'s device.
     """
-    out = torch.empty(n, per_sample, device=target.device, dtype=torch.float32)
+    out: Tensor | None = None
     samples, variants = (max(1, chunk // per_sample), per_sample) if per_sample <= chunk else (1, chunk)
     for s0 in range(0, n, samples):
         s1 = min(s0 + samples, n)
         for t0 in range(0, per_sample, variants):
             t1 = min(t0 + variants, per_sample)
-            logits = model(build(s0, s1, t0, t1))
+            logits = model_logits(model, build(s0, s1, t0, t1))
             rows = target[s0:s1].repeat_interleave(t1 - t0)
-            if s0 == 0 and t0 == 0:
+            if out is None:
                 check_target_range(rows, logits.shape[-1])
+                out = torch.empty(n, per_sample, device=target.device, dtype=score_dtype(logits.dtype))
             out[s0:s1, t0:t1] = target_scores(logits, rows, output).view(s1 - s0, t1 - t0)
+    if out is None:  # an empty batch: no forward ran
+        out = torch.empty(n, per_sample, device=target.device, dtype=torch.float32)
     return out
 
 

@@ -28,6 +28,8 @@ from xaudit.metrics.base import (
     check_target_range,
     evaluating,
     make_substrate,
+    model_logits,
+    score_dtype,
     target_scores,
 )
 from xaudit.metrics.registry import register_metric
@@ -90,7 +92,8 @@ class DeletionInsertion(ModelHolder, XAuditMetric):
             raise ValueError(f"{name}: steps={self.steps} exceeds the {h}x{w}={h * w} pixels of the images; "
                              f"use steps ≤{h * w}.")
         curves = self._curves(x, attr.to(x.device), target.to(x.device))
-        fractions = self.fractions(h * w, device=curves.device)
+        # the area in the curves' dtype (≥ float32): a float64 model's AUC is integrated in float64
+        fractions = self.fractions(h * w, device=curves.device).to(curves.dtype)
         self.curve_values.append(curves)
         self._add_values(torch.trapezoid(curves, fractions, dim=1))
 
@@ -151,10 +154,12 @@ def faithfulness_correlation(
     b, _, h, w = x.shape
     runs = subsets.shape[1]
     subsets = subsets.to(x.device)
-    attr_sums = attr.reshape(b, -1).gather(1, subsets.reshape(b, -1)).view(b, runs, -1).sum(-1)
+    flat = attr.reshape(b, -1)
+    flat = flat.to(score_dtype(flat.dtype))  # a bfloat16 map summed over K pixels in 8 bits would lose the ranking
+    attr_sums = flat.gather(1, subsets.reshape(b, -1)).view(b, runs, -1).sum(-1)
     with evaluating(model):
         base = make_substrate(x, substrate, blur_sigma)
-        logits = model(x)
+        logits = model_logits(model, x)
         check_target_range(target, logits.shape[-1])
         p_orig = target_scores(logits, target, output)
         masks = torch.zeros(b, runs, h * w, dtype=torch.bool, device=x.device)

@@ -100,6 +100,8 @@ def randomise_(module: nn.Module, seed: int) -> None:
     layers, identity for normalisation layers (running statistics reset too). So a layer's random
     weights do not depend on which other layers were randomised before it, and they equal those of
     Quantus' ``MPRT(seed=seed - 1)``. Other parameters are re-drawn from N(0, std of the original).
+    Draws are made in float32 and cast to the parameter's dtype: a float64 or bfloat16 copy of a model
+    gets the float32 model's random weights (rounded), not another stream of random numbers.
     """
     for leaf in module.modules():
         own = list(leaf.parameters(recurse=False))
@@ -108,19 +110,22 @@ def randomise_(module: nn.Module, seed: int) -> None:
         g = torch.Generator(device=own[0].device).manual_seed(int(seed))
         if isinstance(leaf, (_ConvNd, nn.Linear)):
             weight = leaf.weight
-            fresh = torch.empty_like(weight, memory_format=torch.contiguous_format)
-            nn.init.kaiming_uniform_(fresh, a=math.sqrt(5), generator=g)
-            weight.copy_(fresh)
+            weight.copy_(nn.init.kaiming_uniform_(_fresh(weight), a=math.sqrt(5), generator=g))
             if leaf.bias is not None:
                 fan_in, _ = nn.init._calculate_fan_in_and_fan_out(weight)
                 bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-                nn.init.uniform_(leaf.bias, -bound, bound, generator=g)
+                leaf.bias.copy_(nn.init.uniform_(_fresh(leaf.bias), -bound, bound, generator=g))
         elif isinstance(leaf, (_NormBase, nn.GroupNorm, nn.LayerNorm)):
             leaf.reset_parameters()  # deterministic: ones, zeros, fresh running statistics
         else:
             for p in own:
                 std = float(p.float().std()) if p.numel() > 1 else 1.0
-                p.normal_(0.0, std if math.isfinite(std) and std > 0 else 1.0, generator=g)
+                p.copy_(_fresh(p).normal_(0.0, std if math.isfinite(std) and std > 0 else 1.0, generator=g))
+
+
+def _fresh(p: Tensor) -> Tensor:
+    """An uninitialised float32 tensor shaped like ``p`` on its device (where random draws are made)."""
+    return torch.empty(p.shape, dtype=torch.float32, device=p.device)
 
 
 @register_metric("sanity_check")

@@ -2,7 +2,8 @@
 
 Every backbone maps [B,C,H,W] images to [B,num_classes] logits. ``cifar_stem`` swaps the
 ImageNet stem (7x7 stride-2 conv + max-pool) for a 3x3 stride-1 conv so 32 px inputs keep
-spatial detail. Built models carry ``default_target_layer`` (the last spatial feature layer,
+spatial detail; ``cifar_stem="auto"`` (the configs' default) turns it on for images up to
+``CIFAR_STEM_MAX_SIZE`` px and leaves the ImageNet stem at 224. Built models carry ``default_target_layer`` (the last spatial feature layer,
 what CAM-style explainers use unless told otherwise) and ``backbone_name``.
 """
 
@@ -64,6 +65,22 @@ _SPECS: dict[str, tuple[Callable[..., nn.Module] | None, str, int, int]] = {
     "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, "features.12", 32, 16),
 }
 BACKBONES: tuple[str, ...] = tuple(_SPECS)
+#: ``cifar_stem="auto"`` uses the small-image stem up to this side (CIFAR, shapes, 64 px crops)
+CIFAR_STEM_MAX_SIZE = 64
+
+
+def resolve_cifar_stem(cifar_stem: bool | str, image_size: int | None) -> bool:
+    """``true``/``false`` as given; ``"auto"``: on for images ≤ 64 px, off for larger or unknown sizes.
+
+    The ImageNet stem down-samples by 4 before the first block, which leaves a 32 px image 8x8;
+    at 224 px that down-sampling is what keeps the network affordable.
+    """
+    if isinstance(cifar_stem, bool):
+        return cifar_stem
+    if str(cifar_stem).lower() == "auto":
+        return image_size is not None and int(image_size) <= CIFAR_STEM_MAX_SIZE
+    raise ConfigError(f"model.backbone.cifar_stem={cifar_stem!r}: use true, false or auto "
+                      f"(auto: on for images ≤ {CIFAR_STEM_MAX_SIZE} px).")
 
 
 def min_image_size(name: str, cifar_stem: bool = False) -> int:
@@ -82,7 +99,7 @@ def build_backbone(
     num_classes: int,
     in_chans: int = 3,
     image_size: int | None = None,
-    cifar_stem: bool = False,
+    cifar_stem: bool | str = False,
     pretrained: bool = False,
     weights: str = "DEFAULT",
     weights_path: str | None = None,
@@ -95,8 +112,10 @@ def build_backbone(
     ``weights_path`` loads a local state dict instead (no network needed). Layers whose shapes
     changed (head, adapted stem) keep their fresh initialisation. ``options`` are the extra
     hyper-parameters of the project's own backbones (``senn``: ``num_concepts``, ``robustness``).
+    ``cifar_stem`` is true, false or "auto" (:func:`resolve_cifar_stem`).
     """
     _check_name(name)
+    cifar_stem = resolve_cifar_stem(cifar_stem, image_size)
     if int(num_classes) < 2:
         raise ConfigError(f"num_classes={num_classes} must be ≥2.")
     if image_size is not None and int(image_size) < min_image_size(name, cifar_stem):

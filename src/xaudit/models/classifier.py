@@ -20,10 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric, Metric, SumMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from xaudit.models.backbones import build_backbone
-from xaudit.utils.errors import NonFiniteLossError
+from xaudit.models.backbones import build_backbone, resolve_cifar_stem
+from xaudit.utils.errors import ConfigError, NonFiniteLossError, count_or_auto
 
 CHECKPOINT_KEY = "xaudit"
+#: ``nan_check_every="auto"`` off the CPU: one host read of the loss flag per this many steps
+NAN_CHECK_EVERY_GPU = 50
 
 
 def _plain(obj: Any) -> Any:
@@ -36,6 +38,13 @@ class Classifier(pl.LightningModule):
     ``backbone`` is the keyword dict for :func:`xaudit.models.build_backbone` minus the data-given
     sizes; ``optimizer`` and ``scheduler`` are Hydra partials (``_partial_: true``). A scheduler
     whose signature has ``total_steps`` (OneCycleLR) gets the trainer's step count.
+
+    Speed options, none of which changes the weights or the state-dict keys (so checkpoints, the
+    monitor and the explainers see the same module): ``nan_check_every`` (the non-finite loss
+    check runs on the device every step and is read on the host every N steps, "auto": every
+    step on CPU where the read is free, ``NAN_CHECK_EVERY_GPU`` elsewhere), ``channels_last``
+    (true, false or "auto": on CUDA only) and ``compile`` (false, true or ``torch.compile``
+    options; only the training forward is compiled, evaluation and explanations run eagerly).
     """
 
     def __init__(
@@ -47,9 +56,14 @@ class Classifier(pl.LightningModule):
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: Callable[..., Any] | None = None,
         label_smoothing: float = 0.0,
+        nan_check_every: int | str = "auto",
+        channels_last: bool | str = False,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         backbone = dict(_plain(backbone) or {"name": "small_cnn"})
+        if "cifar_stem" in backbone:  # the checkpoint records the stem that was built, not "auto"
+            backbone["cifar_stem"] = resolve_cifar_stem(backbone["cifar_stem"], image_size)
         # optimizer/scheduler are callables: kept out of hparams so checkpoints stay weights-only safe
         self.save_hyperparameters({"backbone": backbone, "num_classes": int(num_classes),
                                    "in_chans": int(in_chans), "image_size": image_size,
@@ -63,23 +77,51 @@ class Classifier(pl.LightningModule):
                                         for s in ("train_", "val_", "test_")})
         self.loss_mean = torch.nn.ModuleDict({s: MeanMetric() for s in ("train_", "val_", "test_")})
         self.count = torch.nn.ModuleDict({s: SumMetric() for s in ("val_", "test_")})
+        self.nan_check_every = count_or_auto(nan_check_every, "model.nan_check_every", 1,
+                                             f"every step on CPU, every {NAN_CHECK_EVERY_GPU} on GPU")
+        self.channels_last_option = _check_auto_bool(channels_last, "model.channels_last")
+        self.compile_options = _compile_options(_plain(compile))
+        self.channels_last = False  # resolved in setup, once the device is known
+        self._check_every = 1
+        self._unchecked_steps = 0
+        # [step, epoch, loss] of the first non-finite training loss, -1 while none (on the device)
+        self._nonfinite: torch.Tensor | None = None
+        # kept out of nn.Module's registry: the compiled wrapper must not add `_orig_mod.` keys
+        self.__dict__["_compiled_net"] = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_compiled_net"] = None  # rebuilt in setup; compiled graphs do not pickle (ddp_spawn)
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
 
     def setup(self, stage: str) -> None:
         unshare_metric_states(self)
+        device = self._trainer.strategy.root_device if self._trainer is not None else self.device
+        self._check_every = (self.nan_check_every if isinstance(self.nan_check_every, int)
+                             else 1 if device.type == "cpu" else NAN_CHECK_EVERY_GPU)
+        self.channels_last = (self.channels_last_option if isinstance(self.channels_last_option, bool)
+                              else device.type == "cuda")
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        if stage == "fit" and self.compile_options is not None and self._compiled_net is None:
+            self.__dict__["_compiled_net"] = torch.compile(self.net, **self.compile_options)
 
     # -- steps -----------------------------------------------------------------------------
     def _step(self, batch: dict[str, torch.Tensor], split: str) -> torch.Tensor:
         x, y = batch["image"], batch["label"]
+        if self.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         # a backbone with its own training objective (SENN's robustness regulariser) returns the
         # logits and the extra loss term from ``training_forward``
         extra = getattr(self.net, "training_forward", None) if split == "train" else None
+        compiled = self._compiled_net if split == "train" else None
         if extra is not None:
             logits, extra_loss = extra(x, y)
         else:
-            logits, extra_loss = self(x), None
+            logits, extra_loss = (compiled(x) if compiled is not None else self(x)), None
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if split == "train" else 0.0)
         if extra_loss is not None:
             self.log("train/extra_loss", extra_loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
@@ -108,7 +150,13 @@ class Classifier(pl.LightningModule):
             self.log_dict(values, prog_bar=split != "test", sync_dist=False)
 
     def on_train_epoch_end(self) -> None:
+        # before the epoch-end checkpoint (ModelCheckpoint runs after the module's hook)
+        self._raise_if_non_finite()
         self._log_epoch("train")
+
+    def on_validation_start(self) -> None:
+        # validation during fit ends in a checkpoint: never write one from weights a NaN step touched
+        self._raise_if_non_finite()
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
@@ -118,10 +166,10 @@ class Classifier(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
-        finite = bool(torch.isfinite(loss))
-        # every rank must stop together, otherwise the others would wait in all-reduce forever
-        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            raise NonFiniteLossError(self._non_finite_message(loss))
+        self._record_non_finite(loss)
+        self._unchecked_steps += 1
+        if self._unchecked_steps >= self._check_every:
+            self._raise_if_non_finite()
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -130,15 +178,49 @@ class Classifier(pl.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._step(batch, "test")
 
-    def _non_finite_message(self, loss: torch.Tensor) -> str:
+    # -- non-finite loss guard ----------------------------------------------------------------
+    def _record_non_finite(self, loss: torch.Tensor) -> None:
+        """Remember the first non-finite loss on the loss's device (no host sync)."""
+        loss = loss.detach().float()
+        if self._nonfinite is None or self._nonfinite.device != loss.device:
+            self._nonfinite = torch.full((3,), -1.0, device=loss.device)
+        state = self._nonfinite
+        first = ~torch.isfinite(loss) & (state[0] < 0)
+        row = torch.stack((torch.full_like(loss, float(self.global_step)),
+                           torch.full_like(loss, float(self.current_epoch)), loss))
+        self._nonfinite = torch.where(first, row, state)
+
+    def _raise_if_non_finite(self) -> None:
+        """Read the flag (the one host sync) and stop every rank together when a loss was non-finite."""
+        self._unchecked_steps = 0
+        state = self._nonfinite
+        finite = state is None or bool(state[0] < 0)
+        # every rank must stop together, otherwise the others would wait in all-reduce forever
+        if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            raise NonFiniteLossError(self._non_finite_message(None if finite else state))
+
+    def _non_finite_message(self, state: torch.Tensor | None) -> str:
         ckpt = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or getattr(
             self.trainer.checkpoint_callback, "best_model_path", "")
         where = f"Last good checkpoint (kept): {ckpt}" if ckpt else "No checkpoint was written yet."
-        return (
-            f"Training loss became {loss.item()} at epoch {self.current_epoch}, step {self.global_step}; "
-            f"training stopped before this step touched the weights. {where} Fix: lower "
-            "model.optimizer.lr, set trainer.gradient_clip_val=1.0, or check the data for NaN/Inf."
-        )
+        now = f"epoch {self.current_epoch}, step {self.global_step}"
+        if state is None:
+            what = f"Training loss became non-finite on another DDP rank (seen at {now})"
+            touched = "training stopped on every rank"
+        else:
+            step, epoch, value = int(state[0]), int(state[1]), float(state[2])
+            what = f"Training loss became {value} at epoch {epoch}, step {step}"
+            touched = ("training stopped before this step touched the weights" if step == self.global_step
+                       and epoch == self.current_epoch else
+                       f"it was read at {now} (model.nan_check_every={self._check_every}: the loss is read on "
+                       "the host every N steps), so the weights since then are not to be trusted")
+        fix = ("lower model.optimizer.lr, set trainer.gradient_clip_val=1.0, or check the data for NaN/Inf")
+        if str(self.trainer.precision) in ("16-true", "16"):
+            # pure float16 has no loss scaling, and optimiser constants such as Adam's eps=1e-8 round to 0
+            fix = ("train in trainer.precision=16-mixed (float16 with loss scaling) or bf16-mixed / bf16-true: "
+                   "16-true keeps weights, gradients and optimiser state in float16, which under- and overflows; "
+                   f"else {fix}")
+        return f"{what}; {touched}. {where} Fix: {fix}."
 
     # -- optimisation ----------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
@@ -169,6 +251,24 @@ class Classifier(pl.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.xaudit_info = {k: v for k, v in checkpoint.get(CHECKPOINT_KEY, {}).items() if k != "hparams"}
+
+
+def _check_auto_bool(value: bool | str, key: str) -> bool | str:
+    if isinstance(value, bool) or value == "auto":
+        return value
+    raise ConfigError(f"{key}={value!r}: use true, false or auto.")
+
+
+def _compile_options(value: bool | dict[str, Any] | None) -> dict[str, Any] | None:
+    """``torch.compile`` keyword arguments, or None when compiling is off."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    raise ConfigError(f"model.compile={value!r}: use false, true or a dict of torch.compile options "
+                      "(e.g. {mode: max-autotune}).")
 
 
 def unshare_metric_states(module: torch.nn.Module) -> None:

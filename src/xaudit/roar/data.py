@@ -15,7 +15,7 @@ padding, like :class:`xaudit.data.UnpaddedDistributedSampler`.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import pytorch_lightning as pl
@@ -102,11 +102,13 @@ class DeviceBatches:
     shuffles with a generator seeded by ``seed`` and the epoch (so a rerun sees the same order),
     pads the rank shards to equal length and augments when ``augment``; ``train=False`` keeps
     dataset order and shards without padding. Batches carry ``index`` (position in the split).
+    ``epoch_of`` gives the epoch being served (the trainer's ``current_epoch``, so a fit resumed at
+    epoch k sees epoch k's order); without it each pass counts one epoch.
     """
 
     def __init__(self, split: TensorSplit, batch_size: int, *, train: bool = False, keep: Tensor | None = None,
                  augment: bool = False, seed: int = 0, device: torch.device | str = "cpu", rank: int = 0,
-                 world: int = 1, channels_last: bool = False) -> None:
+                 world: int = 1, channels_last: bool = False, epoch_of: Callable[[], int] | None = None) -> None:
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
@@ -118,6 +120,7 @@ class DeviceBatches:
         self.rank, self.world = int(rank), int(world)
         self.channels_last = bool(channels_last)
         self.epoch = 0
+        self.epoch_of = epoch_of
         n = len(split)
         self.per_rank = math.ceil(n / self.world) if self.train else len(range(self.rank, n, self.world))
 
@@ -136,6 +139,8 @@ class DeviceBatches:
         return order[self.rank:total:self.world]
 
     def __iter__(self) -> Iterator[Batch]:
+        if self.epoch_of is not None:
+            self.epoch = int(self.epoch_of())
         idx = self._indices().to(self.device)
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919 * (self.rank + 1))
         self.epoch += 1
@@ -179,7 +184,8 @@ class SplitDataModule(pl.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         return DeviceBatches(split, self.batch_size if train else self.eval_batch_size, train=train, keep=keep,
                              augment=self.augment and train, seed=self.seed, device=device, rank=rank,
-                             world=world, channels_last=self.channels_last)
+                             world=world, channels_last=self.channels_last,
+                             epoch_of=(lambda: trainer.current_epoch) if trainer is not None and train else None)
 
     def train_dataloader(self) -> DeviceBatches:
         return self._batches(self.train_split, True, self.keep_train)

@@ -108,6 +108,13 @@ class AttributionStore:
                         return_predictions=False)
         barrier()
 
+    def complete(self, split: str, n: int) -> bool:
+        """Whether the shards of ``split`` cover all ``n`` samples (reads only their indices, memory-mapped)."""
+        seen = torch.zeros(n, dtype=torch.bool)
+        for path in self.split_dir(split).glob("shard_*.pt"):
+            seen[torch.load(path, map_location="cpu", weights_only=True, mmap=True)["index"]] = True
+        return bool(seen.all())
+
     def load(self, split: str, n: int, size: tuple[int, int], required: bool = True) -> Tensor | None:
         """The maps [n,H,W] (float32) of ``split`` assembled from the shards.
 

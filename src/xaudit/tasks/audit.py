@@ -21,7 +21,6 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from xaudit.explainers import create
@@ -50,6 +49,7 @@ from xaudit.tasks.common import (
     resolve_last_checkpoint,
     seed,
 )
+from xaudit.utils.distributed import broadcast, compute_device, init_distributed, is_global_zero
 from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.io import check_writable, file_sha256
 from xaudit.utils.progress import SweepProgress, quiet_lightning
@@ -144,6 +144,7 @@ def trainer_factory(cfg: DictConfig) -> Callable[..., pl.Trainer]:
             from pytorch_lightning.callbacks import RichProgressBar
 
             callbacks.append(RichProgressBar(leave=False))
+        callbacks += list(overrides.pop("callbacks", None) or [])
         kwargs: dict[str, Any] = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
                                   "callbacks": callbacks, "num_sanity_val_steps": 0, "limit_val_batches": 0}
         if stage != "fit":
@@ -155,16 +156,26 @@ def trainer_factory(cfg: DictConfig) -> Callable[..., pl.Trainer]:
 
 
 def dry_run(net: torch.nn.Module, methods: dict[str, dict[str, Any]], split: TensorSplit) -> None:
-    """Explain two images with every method now, so a wrong layer or option fails before long loops."""
-    x = split.normalise(split.images[:2])
-    y = split.labels[:2]
+    """Explain two images with every method now, so a wrong layer or option fails before long loops.
+
+    Runs where ``net``'s parameters are (the audit's device)."""
+    device = next(net.parameters()).device
+    x = split.normalise(split.images[:2]).to(device)
+    y = split.labels[:2].to(device)
     with evaluating(net, grad=True):
         for name, kw in methods.items():
             create(name, net, **kw).attribute(x, y)
 
 
 def _is_writer() -> bool:
-    return getattr(rank_zero_only, "rank", 0) == 0
+    """Rank 0 of the process group (decided after :func:`init_distributed`, not from env variables)."""
+    return is_global_zero()
+
+
+def accepted_changes(cfg: DictConfig) -> list[str]:
+    """``accept_changes``: fingerprint keys (or prefixes) whose change the user accepts on resume."""
+    value = cfg.get("accept_changes") or []
+    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
 
 
 # -- the audit -----------------------------------------------------------------------------------
@@ -185,7 +196,11 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
 
         base = Path(str(cfg.out_dir)) if cfg.get("out_dir") else Path(str(cfg.paths.log_dir)) / "audit" / "experiments"
         return run_shortcut(cfg, _audit, base.expanduser().resolve())
-    ckpt_path = resolve_last_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
+    make_trainer = trainer_factory(cfg)
+    fit_trainer = make_trainer("fit")
+    init_distributed(fit_trainer)  # before anything is read: rank 0 decides, the ranks follow
+    device = compute_device(fit_trainer)
+    ckpt_path = broadcast(resolve_last_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir) if _is_writer() else None)
     if not ckpt_path:
         raise ConfigError("ckpt_path is not set: pass ckpt_path=/path/to/file.ckpt, or ckpt_path=last for the "
                           "newest checkpoint written by `python train.py`.")
@@ -197,9 +212,9 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     methods = resolve_methods(cfg)
     out_dir = writable_audit_dir(cfg, ckpt_path)
     identity = {"checkpoint": file_sha256(ckpt_path), "data": data_identity(data_cfg), "target": target}
-    make_trainer = trainer_factory(cfg)
     datamodule.setup("test")
     test = TensorSplit.from_dataset(datamodule.test_set, datamodule.mean, datamodule.std)
+    classifier.net.to(device)
     if mode != "concepts":  # TCAV explains with concepts, not with the methods
         dry_run(classifier.net, methods, test)
     batch_size = int(cfg.get("batch_size") or datamodule.eval_batch_size)
@@ -216,8 +231,9 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
         cells = run_evaluate(cfg, classifier, datamodule, test, methods, identity, mode_dir, make_trainer,
                              batch_size, target)
     else:
+        classifier.net.cpu()  # the sweep's trainers place it (and the shards' workers receive it)
         cells = run_retrain(cfg, mode, classifier, datamodule, test, methods, identity, out_dir, make_trainer,
-                            batch_size, target, trained)
+                            batch_size, target, trained, fit_trainer)
     out: dict[str, Any] = {"mode": mode, "out_dir": str(out_dir), "mode_dir": str(mode_dir), "cells": cells,
                            "report": {}}
     if _is_writer():
@@ -267,8 +283,9 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
     test = test.subset(None if limit is None else int(limit))
     higher = {k: bool(getattr(m, "higher_is_better", True)) for k, m in build_metrics(specs, classifier.net).items()}
     results = ResultsLog(mode_dir)
-    results.check_config({**identity, "mode": "evaluate", "metrics": specs, "limit": limit})
-    done = results.read()
+    results.check_config({**identity, "mode": "evaluate", "metrics": specs, "limit": limit},
+                         accept=accepted_changes(cfg))
+    done = broadcast(results.read() if _is_writer() else None)
     data = SplitDataModule(test=test, eval_batch_size=batch_size)
     keys = ["evaluate|model", *[f"evaluate|{method_key(n, kw)}" for n, kw in methods.items()]]
     progress = SweepProgress(len(keys), sum(k in done for k in keys), "evaluate", enabled=_is_writer())
@@ -345,10 +362,24 @@ def retrain_recipe(roar: Any, trained: dict[str, Any], datamodule: Any, eval_bat
     return model_cfg, Recipe(int(epochs), int(batch_size), int(eval_batch_size), augment, bool(cl))
 
 
+def effective_recipe(model_cfg: dict[str, Any], recipe: Recipe, trainer: pl.Trainer) -> dict[str, Any]:
+    """What decides a retrained cell's value: the model config and the recipe as this run executes it.
+
+    ``global_batch`` is batch × devices × nodes × gradient accumulation (what the optimiser sees);
+    precision and memory format come from the fit trainer, after ``devices=auto`` is resolved.
+    """
+    world = int(trainer.world_size)
+    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
+    return {"model": model_cfg, "epochs": recipe.epochs, "batch_size": recipe.batch_size,
+            "global_batch": recipe.batch_size * world * accumulate, "world_size": world,
+            "accumulate_grad_batches": accumulate, "precision": str(trainer.precision),
+            "channels_last": recipe.channels_last, "augment": recipe.augment}
+
+
 def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: Any, test: TensorSplit,
                 methods: dict[str, dict[str, Any]], identity: dict[str, Any], out_dir: Path,
                 make_trainer: Callable[..., pl.Trainer], batch_size: int, target: str,
-                trained: dict[str, Any]) -> dict[str, dict[str, Any]]:
+                trained: dict[str, Any], fit_trainer: pl.Trainer | None = None) -> dict[str, dict[str, Any]]:
     """A ROAR or KAR sweep over ``roar.fractions`` × ``roar.seed`` for every method."""
     roar = cfg.get("roar")
     if roar is None:
@@ -358,10 +389,10 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
     store_dtype = check_store_dtype(str(roar.get("store_dtype", "float16")))
     model_cfg, recipe = retrain_recipe(roar, trained, datamodule, batch_size, cfg)
     tie_seed = int(roar.get("tie_seed", 0))
+    effective = effective_recipe(model_cfg, recipe, fit_trainer or make_trainer("fit"))
     results = ResultsLog(out_dir / mode)
     results.check_config({**identity, "mode": mode, "tie_seed": tie_seed, "store_dtype": str(roar.store_dtype),
-                          "recipe": {"model": model_cfg, "epochs": recipe.epochs, "batch_size": recipe.batch_size,
-                                     "augment": recipe.augment}})
+                          "recipe": effective}, accept=accepted_changes(cfg))
     datamodule.setup("fit")
     train = TensorSplit.from_dataset(datamodule.train_set, datamodule.mean, datamodule.std)
     sizes = {"num_classes": datamodule.num_classes, "in_chans": datamodule.in_chans,
@@ -370,10 +401,14 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
     def build_model() -> pl.LightningModule:
         return instantiate(OmegaConf.create(model_cfg), **sizes)
 
+    claims = cfg.get("claims") or {}
     sweep = RoarSweep(mode=mode, methods=methods, fractions=fractions, seeds=seeds, recipe=recipe, train=train,
                       test=test, net=classifier.net, build_model=build_model, make_trainer=make_trainer, log=results,
                       store_root=str(out_dir / "attributions"),
                       store_fingerprint={**identity, "store_dtype": str(roar.store_dtype)},
                       attr_batch_size=batch_size, target=target, store_dtype=store_dtype, tie_seed=tie_seed,
-                      is_writer=_is_writer())
+                      is_writer=_is_writer(), claim_stale_s=float(claims.get("stale_s", 300)),
+                      claim_heartbeat_s=float(claims.get("heartbeat_s", 15)),
+                      poll_s=float(claims.get("poll_s", 5)),
+                      recipe_record={k: v for k, v in effective.items() if k != "model"})
     return sweep.run()

@@ -11,7 +11,10 @@ from typing import Any
 import pytorch_lightning as pl
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate as _hydra_instantiate
+from lightning_fabric.utilities.exceptions import MisconfigurationException
 from omegaconf import DictConfig, OmegaConf
+
+from xaudit.utils.errors import ConfigError
 
 log = logging.getLogger("xaudit")
 
@@ -21,15 +24,30 @@ def instantiate(node: Any, **kwargs: Any) -> Any:
 
     Hydra wraps every constructor error in an InstantiationException; for errors that already
     name the problem and the fix (ValueError, FileNotFoundError and subclasses) the wrapper only
-    adds noise, so the original is raised instead.
+    adds noise, so the original is raised instead. Lightning's own configuration errors (a GPU
+    trainer without a GPU, more devices than there are) become a ConfigError naming the keys.
     """
     try:
         return _hydra_instantiate(node, **kwargs)
     except InstantiationException as err:
         cause = err.__cause__
+        if isinstance(cause, MisconfigurationException):
+            raise ConfigError(_trainer_message(str(cause))) from None
+        if isinstance(cause, ValueError) and str(cause).startswith("Precision "):
+            raise ConfigError(f"trainer.precision: {cause}. Use 32-true (full), bf16-mixed or 16-mixed (GPU "
+                              "speed), bf16-true, 16-true or 64-true.") from None
         if isinstance(cause, (ValueError, FileNotFoundError, RuntimeError)):
             raise cause from None
         raise
+
+
+def _trainer_message(message: str) -> str:
+    """Lightning's message, with what to change in the config when it is about a missing GPU."""
+    if "No supported gpu backend" in message or "can not run on your system" in message:
+        return (f"{message} The trainer asks for a GPU (trainer=gpu or ddp, or trainer.accelerator=gpu/cuda) but "
+                "torch sees none here (torch.cuda.is_available() is False). Use trainer=cpu, or trainer=default "
+                "(accelerator=auto uses a GPU where there is one).")
+    return f"{message} (trainer.* settings: trainer.accelerator, trainer.devices, trainer.precision, trainer.strategy)"
 
 
 def instantiate_group(group: DictConfig | None) -> list[Any]:

@@ -28,6 +28,7 @@ from xaudit.tcav import (
     check_alternative,
     concept_tcav,
     layer_activations,
+    on_model,
     random_baseline,
     spatial_layers,
 )
@@ -150,7 +151,8 @@ def cue_effects(net: nn.Module, cc: Any, datamodule: ShapesDataModule, classes: 
 
     def log_p(images: Tensor) -> Tensor:
         with explain_mode(net), torch.no_grad():
-            return torch.cat([torch.log_softmax(net(normalise(b)).double(), 1) for b in images.split(256)])
+            return torch.cat([torch.log_softmax(net(on_model(net, normalise(b))).double(), 1).cpu()
+                              for b in images.split(256)])
 
     plain = generate_shapes(n, spurious_p=0.0, **kw)
     base = log_p(plain.images)
@@ -208,7 +210,8 @@ def run_concepts(cfg: Any, net: nn.Module, datamodule: Any, test: TensorSplit, m
     results.check_config({**identity, "mode": "concepts", "layer": layer, "concepts": concepts, "classes": classes,
                           "seed": seed, "alpha": alpha, "alternative": alternative, "examples": int(cc.get("examples", 64)), "num_random": runs,
                           "images_per_class": per_class, "cue": cc.get("cue"),
-                          "folders": {k: str(v) for k, v in dict(cc.get("folders") or {}).items()}})
+                          "folders": {k: str(v) for k, v in dict(cc.get("folders") or {}).items()}},
+                         accept=list(cfg.get("accept_changes") or []))
     done = results.read()
     keys = {(c, k): f"concepts|{c}|{names[k]}" for c in concepts for k in classes}
     if all(key in done for key in keys.values()):

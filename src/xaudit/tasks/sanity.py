@@ -73,9 +73,11 @@ def run_sanity(cfg: Any, net: nn.Module, test: TensorSplit, methods: dict[str, d
     layers = list(sc.get("layers") or block_layers(net))
     seed = int(sc.get("seed", 0))
     results = ResultsLog(mode_dir)
-    results.check_config({**identity, "mode": "sanity", "num_images": n, "layers": layers, "seed": seed})
+    results.check_config({**identity, "mode": "sanity", "num_images": n, "layers": layers, "seed": seed},
+                         accept=list(cfg.get("accept_changes") or []))
     done = results.read()
-    x, y = test.normalise(test.images[:n]), test.labels[:n]
+    device = next(net.parameters()).device  # the audit's device (the trainer's)
+    x, y = test.normalise(test.images[:n]).to(device), test.labels[:n].to(device)
     keys = {name: f"sanity|{method_key(name, kw)}" for name, kw in methods.items()}
     progress = SweepProgress(len(keys), sum(k in done for k in keys.values()), "sanity check", enabled=is_writer)
     for name, kw in methods.items():
@@ -89,7 +91,7 @@ def run_sanity(cfg: Any, net: nn.Module, test: TensorSplit, methods: dict[str, d
                   if min(x.shape[-2:]) >= 7 else [math.nan] * len(after))
         if is_writer:
             atomic_torch_save(mode_dir / "maps" / f"{method_key(name, kw)}.pt",
-                              {"maps": torch.stack([original[:4], *[m[:4] for m in after]], 1).half()})
+                              {"maps": torch.stack([original[:4], *[m[:4] for m in after]], 1).half().cpu()})
         record = {"cell": keys[name], "mode": "sanity", "method": name, "method_key": method_key(name, kw),
                   "layers": layers, "spearman": rank, "ssim": struct, "count": n,
                   "seconds": round(time.perf_counter() - start, 3)}

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from xaudit.models.classifier import (
     CHECKPOINT_KEY,
@@ -58,7 +59,7 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, A
     for lg in loggers:
         lg.log_hyperparams(plain_config(cfg))
 
-    ckpt_path = resolve_last_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir)
+    ckpt_path = resolve_last_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir) or requeued_checkpoint(cfg)
     if ckpt_path:
         check_resumable(ckpt_path, model)
     try:
@@ -78,6 +79,26 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, A
         log.info("Checkpoint: %s", best or "(none written)")
         log.info("Run directory: %s", out["run_dir"])
     return out
+
+
+def requeued_checkpoint(cfg: DictConfig) -> str | None:
+    """This run's own ``last.ckpt`` when Slurm requeued the job (timeout or preemption), else None.
+
+    A requeued job (``SLURM_RESTART_COUNT`` ≥ 1) runs the same sweep point in the same output
+    directory; resuming there continues the run from its last finished epoch instead of
+    starting over. Only ``ckpt_path: null`` resumes this way; an explicit ckpt_path wins, and so
+    does an ``hpc_ckpt_*.ckpt`` that Lightning's own SLURM requeue wrote (Lightning loads it itself).
+    """
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) < 1:
+        return None
+    if any(Path(str(cfg.trainer.get("default_root_dir") or run_dir(cfg))).glob("hpc_ckpt_*.ckpt")):
+        return None
+    dirpath = OmegaConf.select(cfg, "callbacks.model_checkpoint.dirpath", default=None)
+    last = Path(str(dirpath or run_dir(cfg) / "checkpoints")) / "last.ckpt"
+    if not last.is_file():
+        return None
+    log.info("Requeued Slurm job (restart %s): resuming from %s", os.environ["SLURM_RESTART_COUNT"], last)
+    return str(last)
 
 
 def check_resumable(ckpt_path: str, model: Classifier) -> None:

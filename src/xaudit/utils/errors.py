@@ -48,3 +48,15 @@ def check_options(kind: str, cls: type, kwargs: Mapping[str, Any], skip: Iterabl
     for key in kwargs:
         if key not in own and key not in set(extra):
             raise unknown_choice(f"option for {kind}:", key, own)
+
+
+def count_or_auto(value: int | str, key: str, minimum: int, auto: str) -> int | str:
+    """``value`` when it is ``"auto"`` or an int ≥ ``minimum``; else a ConfigError naming ``key``.
+
+    ``auto`` says, for the message, what "auto" chooses.
+    """
+    if isinstance(value, str) and value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{key}={value!r}: use a count ≥ {minimum} or auto ({auto}).")
+    return value

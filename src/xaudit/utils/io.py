@@ -1,21 +1,22 @@
 """Crash-safe files: every write goes to a temporary file in the same folder, then ``os.replace``.
 
 A reader (or a rerun after SIGKILL) therefore sees either the old file or the new one, never a
-half-written one. :func:`locked` serialises read-modify-write cycles of concurrent processes on
-one machine (Hydra multirun jobs sharing an audit directory).
+half-written one. Read-modify-write cycles shared by concurrent jobs take
+:func:`xaudit.utils.claims.lease_lock` (an exclusive create, which holds on network file systems).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import fcntl
 import hashlib
 import io
 import json
 import os
 import shutil
+import socket
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -67,8 +68,10 @@ def check_writable(folder: str | Path, key: str = "out_dir", min_free_mb: float 
                              f"Pass {key}=<a folder path>.")
     with output_errors(folder, key):
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(folder / ".xaudit_write_probe", b"ok")
-        (folder / ".xaudit_write_probe").unlink()
+        # one name per process: concurrent jobs and ranks probe the same folder at once
+        probe = folder / f".xaudit_write_probe.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+        atomic_write_bytes(probe, b"ok")
+        probe.unlink()
     free_mb = shutil.disk_usage(folder).free / 2**20
     if free_mb < min_free_mb:
         raise OutputDirError(errno.ENOSPC, f"Only {free_mb:.0f} MB free on the disk of {folder}; this job needs "
@@ -112,19 +115,6 @@ def atomic_torch_save(path: str | Path, obj: Any) -> None:
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
-
-
-@contextlib.contextmanager
-def locked(path: str | Path) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created if needed) for the duration of the block."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
