@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from xaudit.data.base import dataset_labels
 from xaudit.explainers import UnsupportedModelError, create
 from xaudit.explainers import names as explainer_names
 from xaudit.metrics import (
@@ -44,17 +45,6 @@ METRICS = (*MODEL_METRICS, *MASK_METRICS)
 #: opt-in (not in ``auto``): each re-explains the probe batch ``n`` times under input noise
 ROBUSTNESS_METRICS = {"max_sensitivity": MaxSensitivity, "local_lipschitz": LocalLipschitz}
 CHOICES = (*METRICS, *ROBUSTNESS_METRICS)
-
-
-def dataset_labels(dataset: Dataset) -> torch.Tensor:
-    """Class labels of a dataset without decoding images where the dataset knows them."""
-    for attr in ("labels", "targets"):
-        if hasattr(dataset, attr):
-            return torch.as_tensor(getattr(dataset, attr)).long()
-    folder = getattr(dataset, "folder", None)
-    if folder is not None and hasattr(folder, "targets"):
-        return torch.as_tensor(folder.targets).long()
-    return torch.stack([torch.as_tensor(dataset[i]["label"]) for i in range(len(dataset))]).long()
 
 
 def balanced_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 
 from xaudit.utils.errors import count_or_auto
 
@@ -148,6 +148,14 @@ class XAuditDataModule(pl.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def plain_train_set(self) -> Dataset:
+        """The training split without random augmentation (what ROAR explains, masks and re-augments
+        per batch itself, so an image and its keep-mask stay aligned)."""
+        if self.train_set is None:
+            self.setup("fit")
+        assert self.train_set is not None
+        return self.train_set
+
     # -- helpers ---------------------------------------------------------------------------
     @property
     def num_workers(self) -> int:
@@ -228,3 +236,16 @@ def channel_stats(images_uint8: torch.Tensor) -> tuple[tuple[float, ...], tuple[
     std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
     return tuple(round(float(v), 6) for v in mean), tuple(round(float(v), 6) for v in std)
 
+
+def dataset_labels(dataset: Dataset) -> torch.Tensor:
+    """Class labels [N] of a dataset without decoding images where the dataset knows them
+    (``labels``/``targets``, a wrapped ImageFolder's ``folder.targets``, a ``Subset`` of those)."""
+    if isinstance(dataset, Subset):
+        return dataset_labels(dataset.dataset)[torch.as_tensor(list(dataset.indices), dtype=torch.long)]
+    for attr in ("labels", "targets"):
+        if hasattr(dataset, attr):
+            return torch.as_tensor(getattr(dataset, attr)).long()
+    folder = getattr(dataset, "folder", None)
+    if folder is not None and hasattr(folder, "targets"):
+        return torch.as_tensor(folder.targets).long()
+    return torch.stack([torch.as_tensor(dataset[i]["label"]) for i in range(len(dataset))]).long()

@@ -90,6 +90,10 @@ class ImageFolderDataModule(XAuditDataModule):
             )
         return _DictImageFolder(folder)
 
+    def plain_train_set(self) -> _DictImageFolder:
+        """The train split with the evaluation transform (no random flip)."""
+        return self._folder("train", train=False)
+
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
             self.train_set = self._folder("train", train=True)

@@ -10,21 +10,69 @@ the batch, after masking, so image and mask move together.
 Under DDP every rank serves its own slice: training shards are padded by wrapping (every rank
 needs the same number of steps), evaluation shards are rank r taking r, r+W, r+2W, ... without
 padding, like :class:`xaudit.data.UnpaddedDistributedSampler`.
+
+The streaming path (any dataset that is not an in-memory :class:`TensorDictDataset`: ImageFolder,
+a litdata/WebDataset-backed map dataset) keeps memory O(batch): a :class:`TensorSplit` then holds
+:class:`LazyImages` (decoded on access), and :class:`StreamBatches` reads the same indices in the
+same order through a ``DataLoader`` (workers, pinned memory on CUDA), moves each batch to the
+device and applies the keep-mask — a tensor, or a function of the batch's dataset indices that
+builds it from the attribution store — and the augmentation there, exactly as
+:class:`DeviceBatches` does. Both paths give the same batches.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from xaudit.data.base import Batch, TensorDictDataset
+from xaudit.data.base import Batch, TensorDictDataset, dataset_labels
+
+#: builds the keep-mask bool [B,H,W] of a batch from its dataset indices (long [B], on the CPU)
+KeepFn = Callable[[Tensor], Tensor]
+
+
+class LazyImages:
+    """A dataset's images, decoded only where indexed: ``images[i]``, ``images[a:b]``, ``images[idx]``.
+
+    Stands in for the ``images`` tensor of a :class:`TensorSplit` so code that takes a few images
+    (the dry run, sanity checks, concept probes) works on a split that never sits in memory.
+    Items are already normalised floats (the dataset's own transform).
+    """
+
+    def __init__(self, dataset: Dataset, key: str = "image", first: dict | None = None) -> None:
+        self.dataset, self.key = dataset, key
+        item = torch.as_tensor((dataset[0] if first is None else first)[key])  # the item shape, once
+        self._item_shape = tuple(int(d) for d in item.shape)
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((len(self.dataset), *self._item_shape))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def is_floating_point(self) -> bool:
+        return self.key == "image"
+
+    def __getitem__(self, index: int | slice | Tensor | Sequence[int]) -> Tensor:
+        if isinstance(index, int):
+            return torch.as_tensor(self.dataset[index][self.key])
+        rows = range(len(self))[index] if isinstance(index, slice) else torch.as_tensor(index).flatten().tolist()
+        items = [torch.as_tensor(self.dataset[int(i)][self.key]) for i in rows]
+        return torch.stack(items) if items else torch.empty((0, *self._item_shape))
+
+    def head(self, n: int) -> LazyImages:
+        """The first ``n`` images, still lazy."""
+        out = LazyImages.__new__(LazyImages)
+        out.dataset, out.key, out._item_shape = Subset(self.dataset, range(min(n, len(self)))), self.key, self._item_shape
+        return out
 
 
 @dataclass(frozen=True)
@@ -32,11 +80,11 @@ class TensorSplit:
     """One split as tensors: images [N,C,H,W] (uint8 raw, or float already normalised), labels
     [N], optional masks [N,H,W], and the normalisation applied to uint8 images."""
 
-    images: Tensor
+    images: Tensor | LazyImages
     labels: Tensor
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    masks: Tensor | None = None
+    masks: Tensor | LazyImages | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -47,12 +95,26 @@ class TensorSplit:
         c, h, w = self.images.shape[1:]
         return int(c), int(h), int(w)
 
+    @property
+    def streamed(self) -> bool:
+        """Whether the images are read from the dataset per batch (not held in memory)."""
+        return isinstance(self.images, LazyImages)
+
     @classmethod
     def from_dataset(cls, dataset: Dataset, mean: tuple[float, ...], std: tuple[float, ...],
-                     batch_size: int = 256) -> TensorSplit:
-        """Materialise a batch-dict dataset (uint8 copy for in-memory data, else decoded floats)."""
-        if isinstance(dataset, TensorDictDataset):
+                     batch_size: int = 256, stream: bool | None = None) -> TensorSplit:
+        """A split of a batch-dict dataset.
+
+        An in-memory :class:`TensorDictDataset` is used as it is (its uint8 tensors, no copy).
+        Any other dataset is streamed (``stream=None`` or True: labels read without decoding,
+        images decoded per batch) or, with ``stream=False``, decoded once into float tensors.
+        """
+        if isinstance(dataset, TensorDictDataset) and not stream:
             return cls(dataset.images, dataset.labels, tuple(mean), tuple(std), dataset.masks)
+        if stream is None or stream:
+            first = dataset[0]
+            masks = LazyImages(dataset, "mask", first) if "mask" in first else None
+            return cls(LazyImages(dataset, "image", first), dataset_labels(dataset), tuple(mean), tuple(std), masks)
         images, labels, masks = [], [], []
         for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
             images.append(batch["image"].float())
@@ -63,11 +125,14 @@ class TensorSplit:
                    torch.cat(masks) if masks else None)
 
     def subset(self, n: int | None) -> TensorSplit:
-        """The first ``n`` samples (all when ``n`` is None)."""
+        """The first ``n`` samples (all when ``n`` is None); a streamed split stays lazy (nothing decoded)."""
         if n is None or n >= len(self):
             return self
-        return replace(self, images=self.images[:n], labels=self.labels[:n],
-                       masks=None if self.masks is None else self.masks[:n])
+
+        def head(t: Tensor | LazyImages | None) -> Tensor | LazyImages | None:
+            return None if t is None else t.head(n) if isinstance(t, LazyImages) else t[:n]
+
+        return replace(self, images=head(self.images), labels=self.labels[:n], masks=head(self.masks))
 
     def normalise(self, images: Tensor) -> Tensor:
         """uint8 → float normalised (float images are already normalised)."""
@@ -106,14 +171,15 @@ class DeviceBatches:
     epoch k sees epoch k's order); without it each pass counts one epoch.
     """
 
-    def __init__(self, split: TensorSplit, batch_size: int, *, train: bool = False, keep: Tensor | None = None,
+    def __init__(self, split: TensorSplit, batch_size: int, *, train: bool = False,
+                 keep: Tensor | KeepFn | None = None,
                  augment: bool = False, seed: int = 0, device: torch.device | str = "cpu", rank: int = 0,
                  world: int = 1, channels_last: bool = False, epoch_of: Callable[[], int] | None = None) -> None:
         self.device = torch.device(device)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         self.masks = None if split.masks is None else split.masks.to(self.device)
-        self.keep = None if keep is None else keep.to(self.device)
+        self.keep: Tensor | KeepFn | None = keep if keep is None or callable(keep) else keep.to(self.device)
         self.split = split
         self.batch_size = int(batch_size)
         self.train, self.augment, self.seed = bool(train), bool(augment), int(seed)
@@ -128,53 +194,132 @@ class DeviceBatches:
         return math.ceil(self.per_rank / self.batch_size)
 
     def _indices(self) -> Tensor:
-        n = len(self.split)
-        if not self.train:
-            return torch.arange(self.rank, n, self.world)
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(n, generator=g)
-        total = self.per_rank * self.world
-        if total > n:  # wrap around so every rank takes the same number of steps
-            order = torch.cat([order, order[: total - n]])
-        return order[self.rank:total:self.world]
+        return shard_indices(len(self.split), self.train, self.seed, self.epoch, self.rank, self.world)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def _start_epoch(self) -> tuple[Tensor, torch.Generator]:
+        """This pass's indices (on the CPU) and augmentation generator; advances the epoch."""
         if self.epoch_of is not None:
             self.epoch = int(self.epoch_of())
-        idx = self._indices().to(self.device)
+        idx = self._indices()
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch + 7_919 * (self.rank + 1))
         self.epoch += 1
+        return idx, g
+
+    def _finish(self, x: Tensor, sel: Tensor, g: torch.Generator) -> Tensor:
+        """Keep-mask, augmentation and memory format of one normalised batch on the device."""
+        if self.keep is not None:
+            keep = self.keep(sel.cpu()) if callable(self.keep) else self.keep[sel]
+            x = x * keep.to(x.device)[:, None]
+        if self.train and self.augment:
+            x = augment_batch(x, g)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def __iter__(self) -> Iterator[Batch]:
+        idx, g = self._start_epoch()
+        idx = idx.to(self.device)
         for start in range(0, idx.numel(), self.batch_size):
             sel = idx[start:start + self.batch_size]
-            x = self.split.normalise(self.images[sel])
-            if self.keep is not None:
-                x = x * self.keep[sel][:, None]
-            if self.train and self.augment:
-                x = augment_batch(x, g)
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = self._finish(self.split.normalise(self.images[sel]), sel, g)
             batch = {"image": x, "label": self.labels[sel], "index": sel}
             if self.masks is not None:
                 batch["mask"] = self.masks[sel]
             yield batch
 
 
+def shard_indices(n: int, train: bool, seed: int, epoch: int, rank: int, world: int) -> Tensor:
+    """Dataset indices one rank serves in one pass (long, CPU).
+
+    Evaluation: rank r takes r, r+W, ... (no padding). Training: a permutation seeded by ``seed``
+    and ``epoch``, wrapped so every rank takes ``ceil(n / W)`` samples, dealt round-robin.
+    """
+    if not train:
+        return torch.arange(rank, n, world)
+    per_rank = math.ceil(n / world)
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g)
+    total = per_rank * world
+    if total > n:  # wrap around so every rank takes the same number of steps
+        order = torch.cat([order, order[: total - n]])
+    return order[rank:total:world]
+
+
+class _ListSampler(Sampler[int]):
+    """Yields the indices it holds (set per epoch by :class:`StreamBatches`)."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class StreamBatches(DeviceBatches):
+    """:class:`DeviceBatches` over a streamed split: the same indices, order, masks and augmentation,
+    with images decoded by ``DataLoader`` workers and moved to ``device`` one batch at a time.
+
+    Memory is O(batch × workers × prefetch); nothing of the split is held. ``keep`` should be a
+    :data:`KeepFn` here (a [N,H,W] tensor works too, but is O(dataset)).
+    """
+
+    def __init__(self, split: TensorSplit, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
+                 **kwargs: object) -> None:
+        lazy = split.images
+        assert isinstance(lazy, LazyImages), "StreamBatches needs a streamed split (TensorSplit.from_dataset)"
+        # private names: Lightning takes an object with ``dataset``/``sampler`` for a DataLoader to re-wrap
+        self._dataset = lazy.dataset
+        self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
+        self._sampler = _ListSampler()
+        self._loader: DataLoader | None = None
+        super().__init__(replace(split, images=torch.empty(0), masks=None), batch_size, **kwargs)  # type: ignore[arg-type]
+        self.split = split
+        self.has_masks = split.masks is not None
+
+    def _iterable(self) -> DataLoader:
+        if self._loader is None:  # one loader: its workers persist across epochs
+            self._loader = DataLoader(self._dataset, batch_size=self.batch_size, sampler=self._sampler,
+                                      num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                                      pin_memory=self.pin_memory, drop_last=False)
+        return self._loader
+
+    def __iter__(self) -> Iterator[Batch]:
+        idx, g = self._start_epoch()
+        self._sampler.indices = idx.tolist()
+        non_blocking = self.device.type == "cuda"
+        for start, item in zip(range(0, idx.numel(), self.batch_size), self._iterable(), strict=True):
+            sel = idx[start:start + self.batch_size]
+            x = item["image"].to(self.device, non_blocking=non_blocking).float()
+            batch = {"image": self._finish(x, sel.to(self.device), g),
+                     "label": item["label"].to(self.device, non_blocking=non_blocking).long(),
+                     "index": sel.to(self.device)}
+            if self.has_masks and "mask" in item:
+                batch["mask"] = item["mask"].to(self.device, non_blocking=non_blocking)
+            yield batch
+
+
 class SplitDataModule(pl.LightningDataModule):
     """Serves tensor splits through :class:`DeviceBatches` on the trainer's device and rank.
 
-    ``train``/``test``/``predict`` splits are optional; ``keep`` masks apply to train and test.
+    ``train``/``test``/``predict`` splits are optional; ``keep`` masks (tensors or :data:`KeepFn`)
+    apply to train and test. A streamed split is served by :class:`StreamBatches` with
+    ``num_workers`` loader workers.
     """
 
     def __init__(self, *, train: TensorSplit | None = None, test: TensorSplit | None = None,
                  predict: TensorSplit | None = None, batch_size: int = 128, eval_batch_size: int | None = None,
-                 keep_train: Tensor | None = None, keep_test: Tensor | None = None, augment: bool = False,
-                 seed: int = 0, channels_last: bool = False) -> None:
+                 keep_train: Tensor | KeepFn | None = None, keep_test: Tensor | KeepFn | None = None,
+                 augment: bool = False, seed: int = 0, channels_last: bool = False, num_workers: int = 0) -> None:
         super().__init__()
         self.train_split, self.test_split, self.predict_split = train, test, predict
         self.keep_train, self.keep_test = keep_train, keep_test
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.augment, self.seed, self.channels_last = bool(augment), int(seed), bool(channels_last)
+        self.num_workers = int(num_workers)
 
     def _batches(self, split: TensorSplit | None, train: bool, keep: Tensor | None) -> DeviceBatches:
         if split is None:
@@ -182,10 +327,14 @@ class SplitDataModule(pl.LightningDataModule):
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        return DeviceBatches(split, self.batch_size if train else self.eval_batch_size, train=train, keep=keep,
-                             augment=self.augment and train, seed=self.seed, device=device, rank=rank,
-                             world=world, channels_last=self.channels_last,
-                             epoch_of=(lambda: trainer.current_epoch) if trainer is not None and train else None)
+        kwargs: dict = {"train": train, "keep": keep, "augment": self.augment and train, "seed": self.seed,
+                        "device": device, "rank": rank, "world": world, "channels_last": self.channels_last,
+                        "epoch_of": (lambda: trainer.current_epoch) if trainer is not None and train else None}
+        size = self.batch_size if train else self.eval_batch_size
+        if split.streamed:
+            return StreamBatches(split, size, num_workers=self.num_workers, pin_memory=device.type == "cuda",
+                                 **kwargs)
+        return DeviceBatches(split, size, **kwargs)
 
     def train_dataloader(self) -> DeviceBatches:
         return self._batches(self.train_split, True, self.keep_train)

@@ -38,36 +38,42 @@ def check_fractions(fractions: object) -> list[float]:
     return sorted(set(values))
 
 
-def removal_order(attr: Tensor, tie_seed: int = 0, offset: int = 0) -> Tensor:
+def removal_order(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: Tensor | None = None) -> Tensor:
     """Pixel rank per image, 0 = most important: long [N, H·W] (ties broken at random, seeded).
 
-    ``offset`` is the dataset position of ``attr[0]``, so ranks do not depend on chunking.
+    ``positions`` (long [N]) are the images' dataset positions, which seed their tie-breaks; by
+    default ``offset + arange(N)``, so ranks depend neither on chunking nor on batch order. The
+    ranks are computed on ``attr``'s device.
     """
     n = attr.shape[0]
     flat = attr.reshape(n, -1).float()
     p = flat.shape[1]
+    where = (torch.arange(n) + int(offset)) if positions is None else positions.cpu().long()
     prio = torch.empty(n, p)
     g = torch.Generator()
     for i in range(n):  # one generator state per image: independent of batch/chunk composition
-        g.manual_seed(int(tie_seed) * 1_000_003 + offset + i)
+        g.manual_seed(int(tie_seed) * 1_000_003 + int(where[i]))
         prio[i] = torch.rand(p, generator=g)
+    prio = prio.to(flat.device)
     shuffle = prio.argsort(dim=1)
     order_in_shuffle = flat.gather(1, shuffle).argsort(dim=1, descending=True, stable=True)
     order = shuffle.gather(1, order_in_shuffle)  # pixel ids, most important first
     rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(p).expand(n, -1))
+    rank.scatter_(1, order, torch.arange(p, device=order.device).expand(n, -1))
     return rank
 
 
 def keep_mask(attr: Tensor, fraction: float, mode: str, tie_seed: int = 0, offset: int = 0,
-              chunk: int = 2048) -> Tensor:
-    """Bool [N,H,W]: True where a pixel is kept after removing ``fraction`` of them (``mode`` roar|kar)."""
+              chunk: int = 2048, positions: Tensor | None = None) -> Tensor:
+    """Bool [N,H,W] on ``attr``'s device: True where a pixel is kept after removing ``fraction`` of
+    them (``mode`` roar|kar). ``positions``/``offset``: see :func:`removal_order`."""
     if mode not in MODES:
         raise ConfigError(f"mode={mode!r} is unknown; choose one of {list(MODES)}.")
     n, h, w = attr.shape
     k = round(float(fraction) * h * w)
-    out = torch.empty(n, h * w, dtype=torch.bool)
+    where = (torch.arange(n) + int(offset)) if positions is None else positions.cpu().long()
+    out = torch.empty(n, h * w, dtype=torch.bool, device=attr.device)
     for s in range(0, n, chunk):
-        rank = removal_order(attr[s:s + chunk], tie_seed, offset + s)
+        rank = removal_order(attr[s:s + chunk], tie_seed, positions=where[s:s + chunk])
         out[s:s + chunk] = rank >= k if mode == "roar" else rank < h * w - k
     return out.view(n, h, w)

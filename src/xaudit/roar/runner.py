@@ -35,7 +35,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from xaudit.roar.data import SplitDataModule, TensorSplit
+from xaudit.roar.data import KeepFn, SplitDataModule, TensorSplit
 from xaudit.roar.masking import MODES, keep_mask
 from xaudit.roar.results import ResultsLog
 from xaudit.roar.store import AttributionStore, method_key
@@ -146,9 +146,9 @@ def checkpoint_epoch(path: str | Path) -> int:
 
 
 def retrain(build_model: Callable[[], pl.LightningModule], make_trainer: Callable[..., pl.Trainer],
-            recipe: Recipe, train: TensorSplit, test: TensorSplit, keep_train: Tensor | None,
-            keep_test: Tensor | None, seed: int, checkpoint: str | Path | None = None,
-            callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+            recipe: Recipe, train: TensorSplit, test: TensorSplit, keep_train: Tensor | KeepFn | None,
+            keep_test: Tensor | KeepFn | None, seed: int, checkpoint: str | Path | None = None,
+            callbacks: Sequence[pl.Callback] = (), num_workers: int = 0) -> dict[str, Any]:
     """Train a fresh model on the (masked) train split, test it on the (masked) test split.
 
     With ``checkpoint``, the fit saves it after every epoch and resumes from it when it exists.
@@ -159,7 +159,8 @@ def retrain(build_model: Callable[[], pl.LightningModule], make_trainer: Callabl
         model = model.to(memory_format=torch.channels_last)
     data = SplitDataModule(train=train, test=test, batch_size=recipe.batch_size,
                            eval_batch_size=recipe.eval_batch_size, keep_train=keep_train, keep_test=keep_test,
-                           augment=recipe.augment, seed=int(seed), channels_last=recipe.channels_last)
+                           augment=recipe.augment, seed=int(seed), channels_last=recipe.channels_last,
+                           num_workers=num_workers)
     extra = ([EpochCheckpoint(checkpoint)] if checkpoint is not None else []) + list(callbacks)
     trainer = make_trainer("fit", max_epochs=recipe.epochs, callbacks=extra)
     resume = str(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None
@@ -189,7 +190,7 @@ class RoarSweep:
                  log: ResultsLog, store_root: str, store_fingerprint: dict[str, Any], attr_batch_size: int,
                  target: str = "label", store_dtype: torch.dtype = torch.float16, tie_seed: int = 0,
                  is_writer: bool | None = None, claim_stale_s: float = 300.0, claim_heartbeat_s: float = 15.0,
-                 poll_s: float = 5.0, recipe_record: dict[str, Any] | None = None) -> None:
+                 poll_s: float = 5.0, recipe_record: dict[str, Any] | None = None, num_workers: int = 0) -> None:
         self.mode, self.methods = mode, {k: dict(v) for k, v in methods.items()}
         self.cells = sweep_cells(mode, self.methods, fractions, seeds)
         self.recipe, self.train, self.test, self.net = recipe, train, test, net
@@ -203,7 +204,8 @@ class RoarSweep:
         self.attr_claims = ClaimBoard(Path(store_root) / ".claims", claim_stale_s, claim_heartbeat_s)
         self.poll_s = float(poll_s)
         self.recipe_record = dict(recipe_record or {})
-        self._masks: dict[tuple[str, float], tuple[Tensor, Tensor]] = {}
+        self.num_workers = int(num_workers)  # loader workers of a streamed split
+        self._masks: dict[tuple[str, float], tuple[Tensor | KeepFn, Tensor | KeepFn]] = {}
 
     def pending(self, done: dict[str, Any]) -> list[Cell]:
         """Cells not yet in the log."""
@@ -234,7 +236,8 @@ class RoarSweep:
             start = time.perf_counter()
             keep_train, keep_test = self.keep_masks(cell)
             result = retrain(self.build_model, self.make_trainer, self.recipe, self.train, self.test,
-                             keep_train, keep_test, cell.seed, checkpoint=self.checkpoint_path(cell))
+                             keep_train, keep_test, cell.seed, checkpoint=self.checkpoint_path(cell),
+                             num_workers=self.num_workers)
             seconds = time.perf_counter() - start
             record = {"cell": cell.key, "mode": cell.mode, "method": cell.method, "method_key": cell.method_key,
                       "fraction": cell.fraction, "seed": cell.seed, "epochs": self.recipe.epochs,
@@ -308,11 +311,12 @@ class RoarSweep:
             for split_name, split in splits:
                 if split_name in todo:
                     self.stores[name].compute(split_name, split, self.net, self.make_trainer("predict"),
-                                              self.attr_batch_size, self.target, self.store_dtype)
+                                              self.attr_batch_size, self.target, self.store_dtype,
+                                              num_workers=self.num_workers)
 
         self._claimed(names, self.attr_claims, finished, work)
 
-    def keep_masks(self, cell: Cell) -> tuple[Tensor | None, Tensor | None]:
+    def keep_masks(self, cell: Cell) -> tuple[Tensor | KeepFn | None, Tensor | KeepFn | None]:
         """(train, test) keep masks of a cell; the last method/fraction pair is cached."""
         if cell.method == BASELINE:
             return None, None
@@ -321,12 +325,30 @@ class RoarSweep:
             self._masks.clear()
             store = self.stores[cell.method]
             size = self.train.image_shape[1:]
-            masks = []
+            masks: list[Tensor | KeepFn] = []
             for split_name, split in (("train", self.train), ("test", self.test)):
-                attr = store.load(split_name, len(split), size)
-                assert attr is not None
                 # test ranks offset by the train size: the tie-break never repeats across splits
                 offset = 0 if split_name == "train" else len(self.train)
-                masks.append(keep_mask(attr, cell.fraction, self.mode, self.tie_seed, offset))
+                if split.streamed:  # maps kept in the store's dtype; each batch's mask built when served
+                    attr = store.load(split_name, len(split), size, dtype=self.store_dtype)
+                    assert attr is not None
+                    masks.append(_BatchKeep(attr, cell.fraction, self.mode, self.tie_seed, offset))
+                else:
+                    attr = store.load(split_name, len(split), size)
+                    assert attr is not None
+                    masks.append(keep_mask(attr, cell.fraction, self.mode, self.tie_seed, offset))
             self._masks[key] = (masks[0], masks[1])
         return self._masks[key]
+
+
+class _BatchKeep:
+    """A :data:`KeepFn`: the keep-mask of a batch from its dataset indices, equal to the rows of
+    :func:`keep_mask` over the whole split (the tie-break is seeded by dataset position)."""
+
+    def __init__(self, attr: Tensor, fraction: float, mode: str, tie_seed: int, offset: int) -> None:
+        self.attr, self.fraction, self.mode, self.tie_seed, self.offset = attr, fraction, mode, tie_seed, offset
+
+    def __call__(self, index: Tensor) -> Tensor:
+        index = index.cpu().long()
+        return keep_mask(self.attr[index].float(), self.fraction, self.mode, self.tie_seed,
+                         positions=index + self.offset)

@@ -99,12 +99,13 @@ class AttributionStore:
         return self.dir / split
 
     def compute(self, split_name: str, split: TensorSplit, net: nn.Module, trainer: pl.Trainer,
-                batch_size: int, target: str, dtype: torch.dtype) -> None:
+                batch_size: int, target: str, dtype: torch.dtype, num_workers: int = 0) -> None:
         """Write the missing shards of ``split`` with ``trainer.predict`` (every rank its slice)."""
         if trainer.is_global_zero:
             atomic_write_json(self.dir / "manifest.json", self.fingerprint)
         writer = AttributionWriter(net, self.method, self.kwargs, self.split_dir(split_name), target, dtype)
-        trainer.predict(writer, datamodule=SplitDataModule(predict=split, eval_batch_size=batch_size),
+        data = SplitDataModule(predict=split, eval_batch_size=batch_size, num_workers=num_workers)
+        trainer.predict(writer, datamodule=data,
                         return_predictions=False)
         barrier()
 
@@ -115,16 +116,23 @@ class AttributionStore:
             seen[torch.load(path, map_location="cpu", weights_only=True, mmap=True)["index"]] = True
         return bool(seen.all())
 
-    def load(self, split: str, n: int, size: tuple[int, int], required: bool = True) -> Tensor | None:
-        """The maps [n,H,W] (float32) of ``split`` assembled from the shards.
+    def load(self, split: str, n: int, size: tuple[int, int], required: bool = True,
+             dtype: torch.dtype = torch.float32) -> Tensor | None:
+        """The maps [n,H,W] of ``split`` assembled from the shards, in ``dtype`` (the store's own
+        float16 halves the memory of the float32 default and holds the same values).
 
         When a sample is missing: an error if ``required``, else None (the caller computes them).
         """
-        out = torch.zeros((n, *size))
+        out = torch.zeros((n, *size), dtype=dtype)
         seen = torch.zeros(n, dtype=torch.bool)
         for path in sorted(self.split_dir(split).glob("shard_*.pt")):
             shard = torch.load(path, map_location="cpu", weights_only=True)
-            out[shard["index"]] = shard["attr"].float()
+            attr = shard["attr"]
+            if tuple(attr.shape[1:]) != tuple(size):
+                raise ConfigError(f"{path} holds maps of size {tuple(attr.shape[1:])}, the data is {tuple(size)}: "
+                                  f"the store is from other data. Delete {self.dir} to recompute it, or audit "
+                                  "into another directory (out_dir=...).")
+            out[shard["index"]] = attr.to(dtype)
             seen[shard["index"]] = True
         if bool(seen.all()):
             return out

@@ -213,7 +213,8 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     out_dir = writable_audit_dir(cfg, ckpt_path)
     identity = {"checkpoint": file_sha256(ckpt_path), "data": data_identity(data_cfg), "target": target}
     datamodule.setup("test")
-    test = TensorSplit.from_dataset(datamodule.test_set, datamodule.mean, datamodule.std)
+    stream = data_path(cfg)
+    test = TensorSplit.from_dataset(datamodule.test_set, datamodule.mean, datamodule.std, stream=stream)
     classifier.net.to(device)
     if mode != "concepts":  # TCAV explains with concepts, not with the methods
         dry_run(classifier.net, methods, test)
@@ -266,6 +267,16 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+def data_path(cfg: DictConfig) -> bool | None:
+    """``data_path``: auto (None: in-memory tensor datasets stay in memory, any other dataset is
+    streamed per batch), ``stream`` (True) or ``memory`` (False: decode every split once)."""
+    value = str(cfg.get("data_path", "auto"))
+    choices = {"auto": None, "stream": True, "memory": False}
+    if value not in choices:
+        raise unknown_choice("data_path", value, list(choices), key="data_path")
+    return choices[value]
+
+
 def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test: TensorSplit,
                  methods: dict[str, dict[str, Any]], identity: dict[str, Any], mode_dir: Path,
                  make_trainer: Callable[..., pl.Trainer], batch_size: int, target: str) -> dict[str, dict[str, Any]]:
@@ -286,7 +297,7 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
     results.check_config({**identity, "mode": "evaluate", "metrics": specs, "limit": limit},
                          accept=accepted_changes(cfg))
     done = broadcast(results.read() if _is_writer() else None)
-    data = SplitDataModule(test=test, eval_batch_size=batch_size)
+    data = SplitDataModule(test=test, eval_batch_size=batch_size, num_workers=int(getattr(datamodule, "num_workers", 0)))
     keys = ["evaluate|model", *[f"evaluate|{method_key(n, kw)}" for n, kw in methods.items()]]
     progress = SweepProgress(len(keys), sum(k in done for k in keys), "evaluate", enabled=_is_writer())
     if keys[0] not in done:
@@ -394,7 +405,8 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
     results.check_config({**identity, "mode": mode, "tie_seed": tie_seed, "store_dtype": str(roar.store_dtype),
                           "recipe": effective}, accept=accepted_changes(cfg))
     datamodule.setup("fit")
-    train = TensorSplit.from_dataset(datamodule.train_set, datamodule.mean, datamodule.std)
+    train = TensorSplit.from_dataset(datamodule.plain_train_set(), datamodule.mean, datamodule.std,
+                                     stream=data_path(cfg))
     sizes = {"num_classes": datamodule.num_classes, "in_chans": datamodule.in_chans,
              "image_size": datamodule.image_size}
 
@@ -410,5 +422,6 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
                       is_writer=_is_writer(), claim_stale_s=float(claims.get("stale_s", 300)),
                       claim_heartbeat_s=float(claims.get("heartbeat_s", 15)),
                       poll_s=float(claims.get("poll_s", 5)),
-                      recipe_record={k: v for k, v in effective.items() if k != "model"})
+                      recipe_record={k: v for k, v in effective.items() if k != "model"},
+                      num_workers=int(getattr(datamodule, "num_workers", 0)))
     return sweep.run()
