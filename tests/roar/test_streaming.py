@@ -18,8 +18,11 @@ from xaudit.data.base import TensorDictDataset
 from xaudit.roar.data import DeviceBatches, LazyImages, StreamBatches, TensorSplit
 from xaudit.roar.masking import keep_mask
 from xaudit.roar.runner import _BatchKeep
+from xaudit.roar.store import AttributionStore, shard_name
 from xaudit.tasks.audit import audit
 from xaudit.tasks.train import train
+from xaudit.utils.errors import ConfigError
+from xaudit.utils.io import atomic_torch_save
 
 from xaudit_testing import QUIET, compose_config, write_image_folder
 
@@ -33,12 +36,14 @@ class Counting(Dataset):
         self.labels = torch.randint(0, 3, (n,), generator=g)
         self.masks = torch.rand(n, size, size, generator=g) > 0.5
         self.reads = 0
+        self.seen: list[int] = []
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         self.reads += 1
+        self.seen.append(int(i))
         return {"image": self.images[i], "label": self.labels[i], "mask": self.masks[i]}
 
 
@@ -52,6 +57,18 @@ def test_subset_of_a_streamed_split_decodes_only_what_it_serves() -> None:
     batches = list(StreamBatches(head, 2))
     assert data.reads == 1 + 5 and [b["index"].tolist() for b in batches] == [[0, 1], [2, 3], [4]]
     assert torch.equal(torch.cat([b["image"] for b in batches]), data.images[:5])
+
+
+def test_each_rank_decodes_only_its_own_images() -> None:
+    data = Counting(n=11)
+    split = TensorSplit.from_dataset(data, (0.0,) * 3, (1.0,) * 3)
+    data.seen.clear()
+    list(StreamBatches(split, 4, rank=1, world=2))  # evaluation sharding: rank 1 takes 1, 3, 5, ...
+    assert data.seen == [1, 3, 5, 7, 9]
+    data.seen.clear()
+    list(StreamBatches(split, 4, train=True, seed=2, rank=0, world=2))
+    assert len(data.seen) == 6 and set(data.seen) == set(DeviceBatches(
+        TensorSplit(data.images, data.labels, (0.0,) * 3, (1.0,) * 3), 4, train=True, seed=2, world=2)._indices().tolist())
 
 
 @pytest.mark.parametrize(("rank", "world"), [(0, 1), (1, 2)])
@@ -110,16 +127,54 @@ def _audit(ckpt: str, out: Path, *overrides: str) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["evaluate", "roar"])
+@pytest.mark.parametrize("mode", ["evaluate", "evaluate-ddp", "roar"])
 def test_streamed_audit_equals_the_in_memory_audit(mode: str, folder_ckpt: tuple[str, Path],
                                                    tmp_path: Path) -> None:
+    """evaluate-ddp: two ranks (ddp_sim), each reading only its own images, equal one process."""
     ckpt, _ = folder_ckpt
     extra = (["audit=roar", "explainer=[saliency]", "controls=[random]", "roar.fractions=[0.5]", "roar.epochs=1"]
              if mode == "roar" else ["audit=evaluate", "explainer=[saliency]", "controls=[random]", "evaluate.limit=20"])
-    streamed = _audit(ckpt, tmp_path / "stream", *extra, "data_path=stream")
+    ranks = ["trainer=ddp_sim"] if mode == "evaluate-ddp" else []
+    streamed = _audit(ckpt, tmp_path / "stream", *extra, *ranks, "data_path=stream")
     memory = _audit(ckpt, tmp_path / "memory", *extra, "data_path=memory")
     assert [r["cell"] for r in streamed] == [r["cell"] for r in memory] and len(streamed) == 3
     for s, m in zip(streamed, memory, strict=True):
         for key, value in m.items():
             if key.startswith(("test_", "metrics.")) or key in ("count", "test_count"):
                 assert s[key] == pytest.approx(value, abs=1e-6), (s["cell"], key)
+
+
+# -- the raw map file: O(1) reads by index, clear errors on foreign or broken shards ---------------
+def _store_with_shards(root: Path, n: int = 10, size: tuple[int, int] = (4, 5),
+                       dtype: torch.dtype = torch.float16) -> tuple[AttributionStore, torch.Tensor]:
+    store = AttributionStore(root, "saliency", {}, {"data": "x"})
+    maps = torch.randn(n, *size, generator=torch.Generator().manual_seed(0)).to(dtype)
+    for first in range(0, n, 4):  # shards of contiguous rows, written the way predict writes them
+        index = torch.arange(first, min(first + 4, n))
+        atomic_torch_save(store.split_dir("train") / shard_name(first, index.numel()),
+                          {"index": index, "attr": maps[index]})
+    return store, maps
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_map_reader_reads_any_rows_like_the_whole_load(dtype: torch.dtype, tmp_path: Path) -> None:
+    store, maps = _store_with_shards(tmp_path, dtype=dtype)
+    reader = store.reader("train", 10, (4, 5), dtype)
+    assert reader.path.name == f"maps_10x4x5.{str(dtype).split('.')[-1]}" and reader.path.stat().st_size == (
+        10 * 4 * 5 * maps.element_size())
+    index = torch.tensor([7, 0, 3, 3, 9])
+    assert torch.equal(reader[index], maps[index].float())
+    assert torch.equal(reader[index], store.load("train", 10, (4, 5))[index])
+
+
+def test_store_of_other_data_or_a_broken_shard_is_a_clear_error(tmp_path: Path) -> None:
+    store, _ = _store_with_shards(tmp_path)
+    with pytest.raises(ConfigError, match=r"the store is from other data\. Delete .*saliency"):
+        store.reader("train", 10, (8, 8), torch.float16)  # other image size
+    with pytest.raises(ConfigError, match=r"but the data has 6 samples"):
+        store.reader("train", 6, (4, 5), torch.float16)  # a smaller dataset than the store's
+    shard = next(store.split_dir("train").glob("shard_*.pt"))
+    shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(ConfigError, match=r"truncated or corrupt\. Delete it: the rerun recomputes that shard"):
+        store.reader("train", 10, (4, 5), torch.float16)
+    assert not list(store.split_dir("train").glob("maps_*")), "no half-built map file is left behind"

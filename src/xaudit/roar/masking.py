@@ -38,6 +38,23 @@ def check_fractions(fractions: object) -> list[float]:
     return sorted(set(values))
 
 
+_MIX = (-7046029254386353131, -4658895280553007687, -7723592293110705685)  # splitmix64 constants (int64)
+
+
+def tie_priority(seeds: Tensor, p: int) -> Tensor:
+    """Random tie-break keys int64 [N, p]: a splitmix64 hash of (image seed, pixel), on ``seeds``' device.
+
+    A counter-based hash, not a generator: each image's keys depend only on its own seed, the
+    whole batch is one vectorised computation (no per-image loop) and CPU and CUDA agree bit for
+    bit (int64 arithmetic wraps the same way on both).
+    """
+    x = seeds.long()[:, None] * _MIX[0] + torch.arange(p, device=seeds.device)[None, :] * _MIX[2]
+    for c in (_MIX[1], _MIX[2]):
+        x = x ^ ((x >> 31) & 0x1FFFFFFFF)  # logical shift of the 64-bit pattern
+        x = x * c
+    return x ^ ((x >> 29) & 0x7FFFFFFFF)
+
+
 def removal_order(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: Tensor | None = None) -> Tensor:
     """Pixel rank per image, 0 = most important: long [N, H·W] (ties broken at random, seeded).
 
@@ -49,15 +66,13 @@ def removal_order(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: T
     flat = attr.reshape(n, -1).float()
     p = flat.shape[1]
     where = (torch.arange(n) + int(offset)) if positions is None else positions.cpu().long()
-    prio = torch.empty(n, p)
-    g = torch.Generator()
-    for i in range(n):  # one generator state per image: independent of batch/chunk composition
-        g.manual_seed(int(tie_seed) * 1_000_003 + int(where[i]))
-        prio[i] = torch.rand(p, generator=g)
-    prio = prio.to(flat.device)
-    shuffle = prio.argsort(dim=1)
-    order_in_shuffle = flat.gather(1, shuffle).argsort(dim=1, descending=True, stable=True)
-    order = shuffle.gather(1, order_in_shuffle)  # pixel ids, most important first
+    prio = tie_priority(where.to(flat.device) + int(tie_seed) * 1_000_003, p)
+    # one sort on a composite int64 key: attribution descending (its float32 bits made monotonic),
+    # then the tie priority (low 32 bits) ascending; + 0.0 makes -0.0 tie with 0.0
+    bits = (flat + 0.0).view(torch.int32).long()
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotonic in the float value
+    key = (-ordered) * (1 << 32) + (prio & 0xFFFFFFFF)
+    order = key.argsort(dim=1, stable=True)  # pixel ids, most important first
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(p, device=order.device).expand(n, -1))
     return rank

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from xaudit.roar.data import KeepFn, SplitDataModule, TensorSplit
 from xaudit.roar.masking import MODES, keep_mask
 from xaudit.roar.results import ResultsLog
-from xaudit.roar.store import AttributionStore, method_key
+from xaudit.roar.store import AttributionStore, MapReader, method_key
 from xaudit.utils.claims import HOST, ClaimBoard
 from xaudit.utils.distributed import broadcast, is_global_zero
 from xaudit.utils.errors import ConfigError
@@ -329,10 +329,9 @@ class RoarSweep:
             for split_name, split in (("train", self.train), ("test", self.test)):
                 # test ranks offset by the train size: the tie-break never repeats across splits
                 offset = 0 if split_name == "train" else len(self.train)
-                if split.streamed:  # maps kept in the store's dtype; each batch's mask built when served
-                    attr = store.load(split_name, len(split), size, dtype=self.store_dtype)
-                    assert attr is not None
-                    masks.append(_BatchKeep(attr, cell.fraction, self.mode, self.tie_seed, offset))
+                if split.streamed:  # each batch's maps read from the raw map file, its mask built when served
+                    reader = store.reader(split_name, len(split), size, self.store_dtype, write=self.is_writer)
+                    masks.append(_BatchKeep(reader, cell.fraction, self.mode, self.tie_seed, offset))
                 else:
                     attr = store.load(split_name, len(split), size)
                     assert attr is not None
@@ -345,7 +344,7 @@ class _BatchKeep:
     """A :data:`KeepFn`: the keep-mask of a batch from its dataset indices, equal to the rows of
     :func:`keep_mask` over the whole split (the tie-break is seeded by dataset position)."""
 
-    def __init__(self, attr: Tensor, fraction: float, mode: str, tie_seed: int, offset: int) -> None:
+    def __init__(self, attr: Tensor | MapReader, fraction: float, mode: str, tie_seed: int, offset: int) -> None:
         self.attr, self.fraction, self.mode, self.tie_seed, self.offset = attr, fraction, mode, tie_seed, offset
 
     def __call__(self, index: Tensor) -> Tensor:

@@ -9,14 +9,21 @@ Shards are written atomically by whichever rank computed them (Lightning ``predi
 every rank takes its own slice), so an interrupted run keeps every finished shard and a rerun
 computes only the missing ones. Each map is scaled by its max |value| before the cast to half
 precision (ranking is invariant to positive scaling; float16 would overflow otherwise).
+
+For reading by index (the streaming path), a complete split is also written once as one raw,
+fixed-shape file ``<split>/maps_<n>x<h>x<w>.<dtype>`` (built shard by shard, atomically; its
+name says its shape, so a store of other data is never read as this one). :class:`MapReader`
+reads any batch of rows from it through a short-lived memory map: O(batch) memory, O(1) per map.
 """
 
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
@@ -25,7 +32,7 @@ from xaudit.explainers import create
 from xaudit.roar.data import SplitDataModule, TensorSplit
 from xaudit.roar.results import config_diff, plain_json
 from xaudit.utils.errors import ConfigError
-from xaudit.utils.io import atomic_torch_save, atomic_write_json, short_hash
+from xaudit.utils.io import atomic_torch_save, atomic_write_json, atomic_writer, short_hash
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -116,6 +123,45 @@ class AttributionStore:
             seen[torch.load(path, map_location="cpu", weights_only=True, mmap=True)["index"]] = True
         return bool(seen.all())
 
+    def reader(self, split: str, n: int, size: tuple[int, int], dtype: torch.dtype, write: bool = True) -> MapReader:
+        """A :class:`MapReader` of the complete ``split``, writing its raw map file first when it is
+        missing and ``write`` (rank 0; other ranks wait at a barrier and then read it)."""
+        h, w = size
+        path = self.split_dir(split) / f"maps_{n}x{h}x{w}.{_RAW[dtype][1]}"
+        if write and not path.is_file():
+            seen = torch.zeros(n, dtype=torch.bool)
+            with atomic_writer(path) as f:
+                f.truncate(n * h * w * torch.empty((), dtype=dtype).element_size())
+                for _, shard in self._shards(split, n, size):
+                    attr = shard["attr"].to(dtype)
+                    raw = attr.view(torch.int16) if dtype == torch.bfloat16 else attr
+                    for i, row in zip(shard["index"].tolist(), raw.numpy(), strict=True):
+                        f.seek(i * row.nbytes)
+                        f.write(row.tobytes())
+                    seen[shard["index"]] = True
+                if not bool(seen.all()):
+                    missing = (~seen).nonzero().flatten()
+                    raise RuntimeError(f"attributions of {self.method} on {split} miss {missing.numel()} samples "
+                                       f"(first {missing[:5].tolist()}); rerun the audit to compute them.")
+        barrier()
+        return MapReader(path, n, size, dtype)
+
+    def _shards(self, split: str, n: int, size: tuple[int, int]) -> Any:
+        """Each shard of ``split`` as (path, {"index", "attr"}), checked against the data's shape."""
+        for path in sorted(self.split_dir(split).glob("shard_*.pt")):
+            try:
+                shard = torch.load(path, map_location="cpu", weights_only=True)
+            except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
+                raise ConfigError(f"{path} is not a readable attribution shard ({err}); it is truncated or "
+                                  "corrupt. Delete it: the rerun recomputes that shard only.") from None
+            attr, index = shard["attr"], shard["index"]
+            if tuple(attr.shape[1:]) != tuple(size) or (index.numel() and int(index.max()) >= n):
+                raise ConfigError(
+                    f"{path} holds maps {tuple(attr.shape[1:])} of samples up to {int(index.max())}, but the data has "
+                    f"{n} samples of {tuple(size)}: the store is from other data. Delete {self.dir} to recompute "
+                    "it, or audit into another directory (out_dir=...).")
+            yield path, shard
+
     def load(self, split: str, n: int, size: tuple[int, int], required: bool = True,
              dtype: torch.dtype = torch.float32) -> Tensor | None:
         """The maps [n,H,W] of ``split`` assembled from the shards, in ``dtype`` (the store's own
@@ -125,14 +171,8 @@ class AttributionStore:
         """
         out = torch.zeros((n, *size), dtype=dtype)
         seen = torch.zeros(n, dtype=torch.bool)
-        for path in sorted(self.split_dir(split).glob("shard_*.pt")):
-            shard = torch.load(path, map_location="cpu", weights_only=True)
-            attr = shard["attr"]
-            if tuple(attr.shape[1:]) != tuple(size):
-                raise ConfigError(f"{path} holds maps of size {tuple(attr.shape[1:])}, the data is {tuple(size)}: "
-                                  f"the store is from other data. Delete {self.dir} to recompute it, or audit "
-                                  "into another directory (out_dir=...).")
-            out[shard["index"]] = attr.to(dtype)
+        for _, shard in self._shards(split, n, size):
+            out[shard["index"]] = shard["attr"].to(dtype)
             seen[shard["index"]] = True
         if bool(seen.all()):
             return out
@@ -141,6 +181,36 @@ class AttributionStore:
         missing = (~seen).nonzero().flatten()
         raise RuntimeError(f"attributions of {self.method} on {split} miss {missing.numel()} samples "
                            f"(first {missing[:5].tolist()}); rerun the audit to compute them.")
+
+
+#: how each store dtype lies on disk in the raw map file (numpy has no bfloat16: its bits as uint16)
+_RAW = {torch.float16: (np.float16, "float16"), torch.bfloat16: (np.uint16, "bfloat16"),
+        torch.float32: (np.float32, "float32")}
+
+
+class MapReader:
+    """Rows of a split's raw map file: ``reader[index]`` → float32 [B,H,W] for dataset indices.
+
+    Each read maps the file, copies the rows out and unmaps it, so memory stays O(batch) however
+    many maps a sweep reads. Picklable (it holds the path only), so DDP workers can read it.
+    """
+
+    def __init__(self, path: str | Path, n: int, size: tuple[int, int], dtype: torch.dtype) -> None:
+        self.path, self.n, self.size, self.dtype = Path(path), int(n), tuple(size), dtype
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: Tensor) -> Tensor:
+        index = torch.as_tensor(index).long().cpu().flatten()
+        raw = np.memmap(self.path, dtype=_RAW[self.dtype][0], mode="r", shape=(self.n, *self.size))
+        try:
+            rows = torch.from_numpy(np.array(raw[index.numpy()]))
+        finally:
+            del raw
+        if self.dtype == torch.bfloat16:
+            rows = rows.view(torch.bfloat16)
+        return rows.float()
 
 
 def barrier() -> None:

@@ -80,16 +80,17 @@ def check_writable(folder: str | Path, key: str = "out_dir", min_free_mb: float 
     return folder
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (fsynced temp file + rename); a read-only or full disk
-    raises :class:`OutputDirError` naming the folder."""
+@contextlib.contextmanager
+def atomic_writer(path: str | Path) -> Iterator[Any]:
+    """A binary file to write ``path`` through, piece by piece: it appears (fsynced, renamed) only
+    when the block ends without an error; a read-only or full disk raises :class:`OutputDirError`."""
     path = Path(path)
     with output_errors(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(data)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual permissions
@@ -98,6 +99,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (fsynced temp file + rename)."""
+    with atomic_writer(path) as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

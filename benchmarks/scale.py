@@ -1,0 +1,168 @@
+"""Memory and time of the streamed audit as the dataset grows: N, 4N, 16N images of one PNG ImageFolder.
+
+    python benchmarks/scale.py                    # N=1000, sizes 1,4,16, 32 px, small CNN
+    python benchmarks/scale.py --n 2000 --image-size 64 --workers 4
+
+Per size k·N (train k·N, val = test k·N/4 images, 4 classes) it runs, each in a fresh process:
+``audit.py audit=evaluate`` with ``evaluate.limit`` fixed, and a one-cell ROAR
+(``explainer=[saliency] controls=[random] roar.fractions=[0.5] roar.epochs=1``: attributions of
+both splits for both methods, the baseline and two masked cells). It reports each run's peak RSS
+(``wait4`` of that process) and its wall time per image. The audited model is trained once on
+the N folder. Then, side by side in this process on the 16N train split and its stored saliency
+maps: one epoch of a plain torchvision ``ImageFolder`` ``DataLoader`` against one epoch of the
+audit's streamed retraining batches (same dataset, workers and batch size, plus keep-mask and
+crop/flip), with their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from xaudit.data import ImageFolderDataModule  # noqa: E402
+from xaudit.roar.data import StreamBatches, TensorSplit  # noqa: E402
+from xaudit.roar.runner import _BatchKeep  # noqa: E402
+from xaudit.roar.store import MapReader  # noqa: E402
+
+CLASSES = ("circle", "square", "cross", "stripe")
+
+
+def write_folder(root: Path, n_train: int, n_val: int, size: int, seed: int = 0) -> Path:
+    """A PNG ImageFolder whose classes differ by a drawn pattern (so a model learns something)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size
+    patterns = [((yy - .5) ** 2 + (xx - .5) ** 2 < .08), (abs(yy - .5) < .25) & (abs(xx - .5) < .25),
+                (abs(yy - xx) < .1) | (abs(yy + xx - 1) < .1), (np.sin(xx * 25) > 0)]
+    for split, n in (("train", n_train), ("val", n_val)):
+        for i in range(n):
+            c = i % len(CLASSES)
+            d = root / split / CLASSES[c]
+            d.mkdir(parents=True, exist_ok=True)
+            img = rng.integers(0, 90, (size, size, 3)).astype(np.uint8)
+            img[patterns[c]] += np.uint8(150)
+            Image.fromarray(img).save(d / f"{i:07d}.png")
+    return root
+
+
+def measured(args: list[str], cwd: Path) -> tuple[float, float]:
+    """Run ``python <args>`` in a fresh process: (wall seconds, peak RSS MiB of that process)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
+    start = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, *args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read() if proc.stdout else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        print(out[-4000:])
+        raise SystemExit(f"failed: {' '.join(args)}")
+    return wall, usage.ru_maxrss / 1024  # Linux: KiB
+
+
+def cell_seconds(mode_dir: Path) -> float:
+    """The summed ``seconds`` of every cell in a mode's results.jsonl."""
+    lines = (mode_dir / "results.jsonl").read_text().splitlines()
+    return sum(float(json.loads(line)["seconds"]) for line in lines if line.strip())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000, help="N: train images of the smallest size")
+    parser.add_argument("--sizes", default="1,4,16", help="multiples of N")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--limit", type=int, default=256, help="evaluate.limit at every size")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="xaudit_scale_"))
+    sizes = [int(s) for s in args.sizes.split(",")]
+    common = ["trainer=cpu" if not torch.cuda.is_available() else "trainer=gpu", "trainer.enable_progress_bar=false",
+              "logger=csv", f"paths.log_dir={out / 'logs'}"]
+    folders = {}
+    for k in sizes:
+        start = time.perf_counter()
+        folders[k] = write_folder(out / f"data_{k}N", k * args.n, max(args.limit, k * args.n // 4), args.image_size)
+        print(f"wrote {k}N = {k * args.n} train PNGs in {time.perf_counter() - start:.1f} s")
+    data = ["data=imagefolder", f"data.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
+            "data.augment=false"]
+    measured([str(ROOT / "train.py"), *data, f"data.data_dir={folders[sizes[0]]}", f"data.num_workers={args.workers}",
+              *common,
+              "callbacks=model_checkpoint", "trainer.max_epochs=2", "test=false",
+              f"hydra.run.dir={out / 'train'}"], out)
+    ckpt = out / "train" / "checkpoints" / "last.ckpt"
+    rows = []
+    for k in sizes:
+        n_train, n_test = k * args.n, max(args.limit, k * args.n // 4)
+        base = [str(ROOT / "audit.py"), f"ckpt_path={ckpt}", f"++data.data_dir={folders[k]}",
+                f"++data.num_workers={args.workers}", *common,
+                "explainer=[saliency]", "controls=[random]"]
+        ev_wall, ev_rss = measured([*base, "audit=evaluate", f"evaluate.limit={args.limit}",
+                                    f"out_dir={out / f'audit_{k}N'}", f"hydra.run.dir={out / f'ev_{k}N'}"], out)
+        ro_wall, ro_rss = measured([*base, "audit=roar", "roar.fractions=[0.5]", "roar.epochs=1",
+                                    f"out_dir={out / f'audit_{k}N'}", f"hydra.run.dir={out / f'roar_{k}N'}"], out)
+        # per image: the cells' own recorded seconds (process start-up and imports excluded)
+        ev_s, ro_s = (cell_seconds(out / f"audit_{k}N" / mode) for mode in ("evaluate", "roar"))
+        rows.append((k, n_train, n_test, ev_rss, ev_s / args.limit * 1e3, ro_rss, ro_s / (n_train + n_test) * 1e3))
+        print(f"{k}N: evaluate {ev_wall:.1f} s, peak RSS {ev_rss:.0f} MiB; roar {ro_wall:.1f} s, peak RSS {ro_rss:.0f} MiB")
+
+    print("\n| size | train / test images | evaluate peak RSS (MiB) | evaluate ms / image (3 cells) | "
+          "ROAR peak RSS (MiB) | ROAR ms / image (3 cells, train+test) |")
+    print("|---|---|---|---|---|---|")
+    for k, n_train, n_test, ev_rss, ev_ms, ro_rss, ro_ms in rows:
+        print(f"| {k}N | {n_train} / {n_test} | {ev_rss:.0f} | {ev_ms:.2f} | {ro_rss:.0f} | {ro_ms:.2f} |")
+    first, last = rows[0], rows[-1]
+    print(f"peak RSS {last[0]}N / {first[0]}N: evaluate {last[3] / first[3]:.3f}×, ROAR {last[5] / first[5]:.3f}×")
+
+    # streamed retraining batches vs a plain ImageFolder DataLoader, one epoch each, same process
+    k = sizes[-1]
+    dm = ImageFolderDataModule(data_dir=str(folders[k]), image_size=args.image_size, augment=True)
+    dm.setup("fit")
+    dataset = dm.plain_train_set()  # what ROAR reads (no random flip: it masks, then crops/flips per batch)
+    usual = dm.train_set  # what a user trains with: the same folder with RandomHorizontalFlip
+    maps = sorted((out / f"audit_{k}N" / "attributions" / "saliency" / "train").glob("maps_*"))
+    if not maps:
+        raise SystemExit("no stored saliency maps of the train split (the ROAR run writes them)")
+    reader = MapReader(maps[0], len(dataset), (args.image_size, args.image_size), torch.float16)
+    split = TensorSplit.from_dataset(dataset, dm.mean, dm.std)
+
+    def plain() -> int:
+        loader = DataLoader(usual, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
+        return sum(int(b["image"].shape[0]) for b in loader)
+
+    def streamed() -> int:
+        batches = StreamBatches(split, args.batch_size, train=True, augment=True, num_workers=args.workers,
+                                keep=_BatchKeep(reader, 0.5, "roar", 0, 0))
+        return sum(int(b["image"].shape[0]) for b in batches)
+
+    times = {}
+    for name, fn in (("plain", plain), ("streamed", streamed), ("plain ", plain), ("streamed ", streamed)):
+        start = time.perf_counter()
+        count = fn()
+        times.setdefault(name.strip(), []).append(time.perf_counter() - start)
+        assert count == len(dataset), (name, count)
+    best = {n: min(v) for n, v in times.items()}
+    print(f"\none epoch of {len(dataset)} train images, batch {args.batch_size}, {args.workers} workers "
+          f"(best of 2): plain ImageFolder DataLoader (with flip) {best['plain']:.2f} s, streamed ROAR batches "
+          f"(+ keep-mask + crop/flip) {best['streamed']:.2f} s → throughput ratio "
+          f"{best['plain'] / best['streamed']:.3f}×")
+    print(f"runs under {out}")
+
+
+if __name__ == "__main__":
+    main()
