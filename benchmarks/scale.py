@@ -33,8 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from xaudit.data import ImageFolderDataModule  # noqa: E402
-from xaudit.roar.data import StreamBatches, TensorSplit  # noqa: E402
-from xaudit.roar.runner import _BatchKeep  # noqa: E402
+from xaudit.roar.data import MapKeep, StreamBatches, TensorSplit, augment_batch  # noqa: E402
 from xaudit.roar.store import MapReader  # noqa: E402
 
 CLASSES = ("circle", "square", "cross", "stripe")
@@ -80,6 +79,73 @@ def cell_seconds(mode_dir: Path) -> float:
     return sum(float(json.loads(line)["seconds"]) for line in lines if line.strip())
 
 
+def throughput(folder: Path, audit_dir: Path, image_size: int, batch_size: int, workers: int,
+               repeats: int = 3) -> float:
+    """One retraining epoch, side by side: plain ImageFolder DataLoader vs the streamed ROAR batches.
+
+    Both arms read the same ImageFolder with the same workers and batch size, move each batch to the
+    device and apply the same batch crop/flip (``augment_batch``, the ROAR recipe); the streamed arm
+    adds only the keep-mask (maps read by the workers, selection per batch). A third arm is the
+    folder as a user trains on it (PIL RandomHorizontalFlip, no crop). Best of ``repeats``, interleaved.
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dm = ImageFolderDataModule(data_dir=str(folder), image_size=image_size, augment=True)
+    dm.setup("fit")
+    dataset = dm.plain_train_set()  # what ROAR reads: the eval transform, augmented per batch
+    maps = sorted((audit_dir / "attributions" / "saliency" / "train").glob("maps_*"))
+    source = "the ROAR run's stored saliency maps"
+    if not maps:  # --throughput-only on a fresh folder: seeded random maps in the store's format
+        source = "seeded random float16 maps (no ROAR run at this size)"
+        path = audit_dir / "synthetic" / f"maps_{len(dataset)}x{image_size}x{image_size}.float16"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(0)
+        with path.open("wb") as f:
+            for start in range(0, len(dataset), 1024):
+                rows = min(1024, len(dataset) - start)
+                f.write(rng.random((rows, image_size, image_size), dtype=np.float32).astype(np.float16).tobytes())
+        maps = [path]
+    reader = MapReader(maps[0], len(dataset), (image_size, image_size), torch.float16)
+    split = TensorSplit.from_dataset(dataset, dm.mean, dm.std)
+    pin = device.type == "cuda"
+
+    def loader_epoch(data: object, augment: bool) -> int:
+        g, count = torch.Generator().manual_seed(0), 0
+        for b in DataLoader(data, batch_size=batch_size, shuffle=True, num_workers=workers, pin_memory=pin):
+            x = b["image"].to(device, non_blocking=pin).float()
+            x = augment_batch(x, g) if augment else x
+            count += int(x.shape[0])
+        return count
+
+    def streamed() -> int:
+        batches = StreamBatches(split, batch_size, train=True, augment=True, num_workers=workers, pin_memory=pin,
+                                device=device, keep=MapKeep(reader, 0.5, "roar", 0, 0))
+        return sum(int(b["image"].shape[0]) for b in batches)
+
+    arms = {"plain": lambda: loader_epoch(dataset, True), "streamed": streamed,
+            "user": lambda: loader_epoch(dm.train_set, False)}
+    times: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        for name, fn in arms.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            count = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.setdefault(name, []).append(time.perf_counter() - start)
+            assert count == len(dataset), (name, count)
+    best = {n: min(v) for n, v in times.items()}
+    ratio = best["plain"] / best["streamed"]
+    print(f"\none epoch of {len(dataset)} train images of {image_size} px on {device}, batch {batch_size}, "
+          f"{workers} workers, keep-mask from {source} "
+          f"(best of {repeats}):\n  plain ImageFolder DataLoader + batch crop/flip   {best['plain']:.2f} s"
+          f"\n  streamed ROAR batches (+ keep-mask)             {best['streamed']:.2f} s"
+          f"\n  ImageFolder as a user trains it (PIL flip only) {best['user']:.2f} s"
+          f"\n  → streamed throughput {ratio:.3f}× the plain loader (masking costs {100 * (1 / ratio - 1):.1f} %), "
+          f"{best['user'] / best['streamed']:.3f}× the PIL-flip loader")
+    return ratio
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1000, help="N: train images of the smallest size")
@@ -89,9 +155,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--throughput-only", action="store_true",
+                        help="only the side-by-side epoch, on the folders and maps an earlier run left in --out")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="xaudit_scale_"))
     sizes = [int(s) for s in args.sizes.split(",")]
+    if args.throughput_only:
+        folder = out / f"data_{sizes[-1]}N"
+        if not folder.is_dir():
+            write_folder(folder, sizes[-1] * args.n, max(args.limit, sizes[-1] * args.n // 4), args.image_size)
+        for workers in sorted({0, args.workers}):
+            throughput(out / f"data_{sizes[-1]}N", out / f"audit_{sizes[-1]}N", args.image_size, args.batch_size, workers)
+        return
     common = ["trainer=cpu" if not torch.cuda.is_available() else "trainer=gpu", "trainer.enable_progress_bar=false",
               "logger=csv", f"paths.log_dir={out / 'logs'}"]
     folders = {}
@@ -129,38 +204,8 @@ def main() -> None:
     first, last = rows[0], rows[-1]
     print(f"peak RSS {last[0]}N / {first[0]}N: evaluate {last[3] / first[3]:.3f}×, ROAR {last[5] / first[5]:.3f}×")
 
-    # streamed retraining batches vs a plain ImageFolder DataLoader, one epoch each, same process
-    k = sizes[-1]
-    dm = ImageFolderDataModule(data_dir=str(folders[k]), image_size=args.image_size, augment=True)
-    dm.setup("fit")
-    dataset = dm.plain_train_set()  # what ROAR reads (no random flip: it masks, then crops/flips per batch)
-    usual = dm.train_set  # what a user trains with: the same folder with RandomHorizontalFlip
-    maps = sorted((out / f"audit_{k}N" / "attributions" / "saliency" / "train").glob("maps_*"))
-    if not maps:
-        raise SystemExit("no stored saliency maps of the train split (the ROAR run writes them)")
-    reader = MapReader(maps[0], len(dataset), (args.image_size, args.image_size), torch.float16)
-    split = TensorSplit.from_dataset(dataset, dm.mean, dm.std)
-
-    def plain() -> int:
-        loader = DataLoader(usual, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)
-        return sum(int(b["image"].shape[0]) for b in loader)
-
-    def streamed() -> int:
-        batches = StreamBatches(split, args.batch_size, train=True, augment=True, num_workers=args.workers,
-                                keep=_BatchKeep(reader, 0.5, "roar", 0, 0))
-        return sum(int(b["image"].shape[0]) for b in batches)
-
-    times = {}
-    for name, fn in (("plain", plain), ("streamed", streamed), ("plain ", plain), ("streamed ", streamed)):
-        start = time.perf_counter()
-        count = fn()
-        times.setdefault(name.strip(), []).append(time.perf_counter() - start)
-        assert count == len(dataset), (name, count)
-    best = {n: min(v) for n, v in times.items()}
-    print(f"\none epoch of {len(dataset)} train images, batch {args.batch_size}, {args.workers} workers "
-          f"(best of 2): plain ImageFolder DataLoader (with flip) {best['plain']:.2f} s, streamed ROAR batches "
-          f"(+ keep-mask + crop/flip) {best['streamed']:.2f} s → throughput ratio "
-          f"{best['plain'] / best['streamed']:.3f}×")
+    for workers in sorted({0, args.workers}):
+        throughput(folders[sizes[-1]], out / f"audit_{sizes[-1]}N", args.image_size, args.batch_size, workers)
     print(f"runs under {out}")
 
 

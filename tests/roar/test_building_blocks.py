@@ -35,6 +35,25 @@ def test_ties_are_broken_by_seeded_priority_not_position() -> None:
     assert torch.equal(removal_order(flat[3:5], offset=3), removal_order(flat)[3:5])
 
 
+@pytest.mark.parametrize("kind", ["random", "flat", "few_levels", "half", "nan"])
+@pytest.mark.parametrize("mode", ["roar", "kar"])
+def test_keep_mask_selection_equals_thresholding_the_full_ranking(kind: str, mode: str) -> None:
+    """keep_mask selects with kthvalue; it must equal ``removal_order``'s ranks cut at k, ties included."""
+    g = torch.Generator().manual_seed(0)
+    attr = {"random": torch.rand(40, 9, 7, generator=g), "flat": torch.zeros(40, 9, 7),
+            "few_levels": torch.randint(-1, 2, (40, 9, 7), generator=g).float(),
+            "half": torch.randn(40, 9, 7, generator=g).half().float(),
+            "nan": torch.rand(40, 9, 7, generator=g).index_put_((torch.tensor([3, 3, 17]), torch.tensor([0, 4, 8]),
+                                                                torch.tensor([1, 2, 6])), torch.tensor(float("nan")))}[kind]
+    pos = torch.arange(40) * 3 + 11
+    rank = removal_order(attr, tie_seed=4, positions=pos)
+    for fraction in (0.01, 0.3, 0.5, 0.99):
+        k = round(fraction * 63)
+        want = (rank >= k if mode == "roar" else rank < 63 - k).view(40, 9, 7)
+        got = keep_mask(attr, fraction, mode, tie_seed=4, positions=pos, chunk=16)
+        assert torch.equal(got, want) and bool(((~got).flatten(1).sum(1) == k).all())
+
+
 @pytest.mark.parametrize("bad", [[0.0], [1.0], [-0.1, 0.5], [1.5], [], "half"])
 def test_fractions_outside_the_open_unit_interval_are_refused(bad: object) -> None:
     with pytest.raises(ConfigError, match=r"roar\.fractions"):

@@ -7,6 +7,7 @@ keep-masks, augmentation), decode only what a subset asks for, and give the same
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -15,16 +16,15 @@ import torch
 from torch.utils.data import Dataset
 
 from xaudit.data.base import TensorDictDataset
-from xaudit.roar.data import DeviceBatches, LazyImages, StreamBatches, TensorSplit
+from xaudit.roar.data import DeviceBatches, LazyImages, MapKeep, StreamBatches, TensorSplit
 from xaudit.roar.masking import keep_mask
-from xaudit.roar.runner import _BatchKeep
-from xaudit.roar.store import AttributionStore, shard_name
+from xaudit.roar.store import AttributionStore, MapReader, shard_name
 from xaudit.tasks.audit import audit
 from xaudit.tasks.train import train
 from xaudit.utils.errors import ConfigError
 from xaudit.utils.io import atomic_torch_save
 
-from xaudit_testing import QUIET, compose_config, write_image_folder
+from xaudit_testing import QUIET, compose_config, kill_when, write_image_folder
 
 
 class Counting(Dataset):
@@ -81,7 +81,7 @@ def test_streamed_batches_equal_in_memory_batches(rank: int, world: int) -> None
     keep = keep_mask(attr, 0.5, "roar", tie_seed=1, offset=0)
     kw: dict[str, Any] = {"train": True, "augment": True, "seed": 4, "rank": rank, "world": world}
     a = DeviceBatches(memory, 5, keep=keep, **kw)
-    b = StreamBatches(streamed, 5, keep=_BatchKeep(attr.half(), 0.5, "roar", 1, 0), **kw)
+    b = StreamBatches(streamed, 5, keep=MapKeep(attr.half(), 0.5, "roar", 1, 0), **kw)
     for _ in range(2):  # two epochs: the order changes, and changes the same way
         got, want = list(b), list(a)
         assert len(got) == len(want) == len(a)
@@ -96,7 +96,7 @@ def test_batch_keep_equals_the_whole_split_mask_in_any_order() -> None:
     attr = torch.randn(30, 6, 6, generator=torch.Generator().manual_seed(0)).round(decimals=1)  # many ties
     whole = keep_mask(attr, 0.3, "kar", tie_seed=7, offset=100)
     idx = torch.randperm(30, generator=torch.Generator().manual_seed(1))[:11]
-    assert torch.equal(_BatchKeep(attr, 0.3, "kar", 7, 100)(idx), whole[idx])
+    assert torch.equal(MapKeep(attr, 0.3, "kar", 7, 100)(idx), whole[idx])
 
 
 def test_in_memory_tensor_dataset_is_not_streamed() -> None:
@@ -144,6 +144,78 @@ def test_streamed_audit_equals_the_in_memory_audit(mode: str, folder_ckpt: tuple
                 assert s[key] == pytest.approx(value, abs=1e-6), (s["cell"], key)
 
 
+@pytest.mark.slow
+def test_streamed_store_killed_while_written_completes_without_recomputing(folder_ckpt: tuple[str, Path],
+                                                                           tmp_path: Path) -> None:
+    """SIGKILL of `python audit.py` (streamed ImageFolder ROAR) once the first shard exists: the rerun
+    keeps every finished shard byte for byte, writes the rest, and ends with the uninterrupted run's
+    shards, map files and results."""
+    ckpt, folder_out = folder_ckpt
+    extra = ["audit=roar", "explainer=[saliency]", "controls=[random]", "roar.fractions=[0.5]", "roar.epochs=1",
+             "batch_size=2", "data_path=stream"]
+    reference = _audit(ckpt, tmp_path / "ref", *extra)
+    out = tmp_path / "killed"
+    attr = out / "audit" / "attributions"
+    args = [*QUIET, *extra, f"ckpt_path={ckpt}", f"out_dir={out / 'audit'}", f"paths.data_dir={folder_out / 'data'}",
+            f"paths.log_dir={out / 'logs'}", f"hydra.run.dir={out / 'hydra'}"]
+    kill_when("audit.py", args, tmp_path, lambda: bool(list(attr.glob("*/*/shard_*.pt"))), "no shard written",
+              poll=0.005)
+    kept = {p: p.read_bytes() for p in attr.glob("*/*/shard_*.pt")}
+    written = {p: p.stat().st_mtime_ns for p in kept}
+    ref_attr = tmp_path / "ref" / "audit" / "attributions"
+    n_reference = len(list(ref_attr.glob("*/*/shard_*.pt")))
+    assert 1 <= len(kept) < n_reference, "killed while the store was being written"
+
+    got = _audit(ckpt, out, *extra)
+    assert all(p.read_bytes() == data for p, data in kept.items())
+    assert all(p.stat().st_mtime_ns == t for p, t in written.items()), "finished shards were not rewritten"
+    files = sorted(p.relative_to(attr) for p in attr.glob("*/*/*") if p.name.startswith(("shard_", "maps_")))
+    assert files == sorted(p.relative_to(ref_attr) for p in ref_attr.glob("*/*/*")
+                           if p.name.startswith(("shard_", "maps_")))
+    assert any(f.name.startswith("maps_") for f in files), "the streamed cells read the raw map files"
+    for rel in files:
+        if rel.name.startswith("maps_"):
+            assert (attr / rel).read_bytes() == (ref_attr / rel).read_bytes(), rel
+        else:
+            a, b = (torch.load(root / rel, weights_only=True) for root in (attr, ref_attr))
+            assert torch.equal(a["index"], b["index"]) and torch.equal(a["attr"], b["attr"]), rel
+    assert [r["cell"] for r in got] == [r["cell"] for r in reference] and len(got) == 3
+    for g, r in zip(got, reference, strict=True):
+        assert g["test_acc"] == r["test_acc"], g["cell"]
+
+
+@pytest.mark.slow
+def test_store_of_data_that_changed_since_is_refused(folder_ckpt: tuple[str, Path], tmp_path: Path) -> None:
+    """Same folder shape and size, one train image moved to another class: the stored maps are
+    refused with the fix named, not silently reused."""
+    ckpt, folder_out = folder_ckpt
+    data = tmp_path / "data"
+    shutil.copytree(folder_out / "data", data)
+    extra = ["audit=roar", "explainer=[saliency]", "controls=[]", "roar.fractions=[0.5]", "roar.epochs=1",
+             f"++data.data_dir={data / 'imagefolder'}", "data_path=stream"]
+    _audit(ckpt, tmp_path, *extra)
+    train = data / "imagefolder" / "train"
+    moved = sorted((train / "cat").glob("*.png"))[0]
+    moved.rename(train / "dog" / "moved.png")
+    (tmp_path / "audit" / "roar" / "results.jsonl").unlink()  # the cells go too: only the store is left
+    with pytest.raises(ConfigError, match=r"The data changed since the attributions in .*saliency were written "
+                                          r"\(content\.train: .*Delete that folder"):
+        _audit(ckpt, tmp_path, *extra)
+
+
+def test_dataset_fingerprint_sees_labels_files_and_images() -> None:
+    from xaudit.data.base import dataset_fingerprint
+
+    images = torch.randint(0, 256, (50, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(50) % 3
+    base = dataset_fingerprint(TensorDictDataset(images, labels, (0.5,) * 3, (0.5,) * 3))
+    assert base == dataset_fingerprint(TensorDictDataset(images.clone(), labels.clone(), (0.5,) * 3, (0.5,) * 3))
+    changed = images.clone()
+    changed[49] ^= 1  # the last image is always probed
+    assert base != dataset_fingerprint(TensorDictDataset(changed, labels, (0.5,) * 3, (0.5,) * 3))
+    assert base != dataset_fingerprint(TensorDictDataset(images, labels.roll(1), (0.5,) * 3, (0.5,) * 3))
+
+
 # -- the raw map file: O(1) reads by index, clear errors on foreign or broken shards ---------------
 def _store_with_shards(root: Path, n: int = 10, size: tuple[int, int] = (4, 5),
                        dtype: torch.dtype = torch.float16) -> tuple[AttributionStore, torch.Tensor]:
@@ -165,6 +237,35 @@ def test_map_reader_reads_any_rows_like_the_whole_load(dtype: torch.dtype, tmp_p
     index = torch.tensor([7, 0, 3, 3, 9])
     assert torch.equal(reader[index], maps[index].float())
     assert torch.equal(reader[index], store.load("train", 10, (4, 5))[index])
+    assert all(torch.equal(reader.row(i), maps[i].float()) for i in range(10))  # one pread per map
+    with pytest.raises(IndexError, match="outside the 10 maps"):
+        reader.row(10)
+
+
+def test_truncated_map_file_is_a_clear_error(tmp_path: Path) -> None:
+    store, _ = _store_with_shards(tmp_path)
+    reader = store.reader("train", 10, (4, 5), torch.float16)
+    reader.path.write_bytes(reader.path.read_bytes()[: 4 * 4 * 5 * 2])  # only 4 of 10 maps left
+    with pytest.raises(ConfigError, match=r"ends before map 6: it is truncated\. Delete it"):
+        MapReader(reader.path, 10, (4, 5), torch.float16).row(6)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_maps_read_by_loader_workers_give_the_in_memory_masks(workers: int, tmp_path: Path) -> None:
+    """A MapKeep over the raw map file: each worker preads its samples' maps next to their images
+    (one file handle per process), the selection runs per batch; masks equal the whole-split ones."""
+    data = Counting(n=10, size=5)
+    store, maps = _store_with_shards(tmp_path, n=10, size=(5, 5))
+    reader = store.reader("train", 10, (5, 5), torch.float16)
+    memory = TensorSplit(data.images, data.labels, (0.0,) * 3, (1.0,) * 3, data.masks)
+    streamed = TensorSplit.from_dataset(data, (0.0,) * 3, (1.0,) * 3)
+    kw: dict[str, Any] = {"train": True, "augment": True, "seed": 1}
+    want = list(DeviceBatches(memory, 4, keep=keep_mask(maps.float(), 0.4, "kar", 5, 3), **kw))
+    stream = StreamBatches(streamed, 4, keep=MapKeep(reader, 0.4, "kar", 5, 3), num_workers=workers, **kw)
+    got = list(stream)
+    assert (stream._map_keep is not None) == (workers > 0) and len(got) == len(want) == 3
+    for x, y in zip(got, want, strict=True):
+        assert torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"])
 
 
 def test_store_of_other_data_or_a_broken_shard_is_a_clear_error(tmp_path: Path) -> None:

@@ -7,8 +7,10 @@ truth exists.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
@@ -249,3 +251,37 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     if folder is not None and hasattr(folder, "targets"):
         return torch.as_tensor(folder.targets).long()
     return torch.stack([torch.as_tensor(dataset[i]["label"]) for i in range(len(dataset))]).long()
+
+
+def dataset_fingerprint(dataset: Dataset, probes: int = 256) -> str:
+    """A short hash of what a dataset holds, cheap at ImageNet scale (no full decode, no full scan).
+
+    Covers the number of samples and every label; for a file dataset (torchvision ``ImageFolder``
+    ``samples``) every file's path under the root and the byte sizes of ``probes`` evenly spaced
+    files; for an in-memory :class:`TensorDictDataset` the bytes of ``probes`` evenly spaced images.
+    Stored with derived data (attribution stores) so data that changed since is refused, not reused.
+    """
+    h = hashlib.sha256()
+    if isinstance(dataset, Subset):
+        h.update(dataset_fingerprint(dataset.dataset, probes).encode())
+        h.update(torch.as_tensor(list(dataset.indices), dtype=torch.long).numpy().tobytes())
+        return h.hexdigest()[:16]
+    n = len(dataset)  # type: ignore[arg-type]
+    h.update(str(n).encode())
+    h.update(dataset_labels(dataset).numpy().tobytes())
+    picks = sorted({int(i) for i in torch.linspace(0, max(n - 1, 0), min(n, probes)).round().long()}) if n else []
+    folder = getattr(dataset, "folder", dataset)
+    samples = getattr(folder, "samples", None)
+    if samples is not None:
+        root = Path(getattr(folder, "root", "."))
+        for path, _ in samples:
+            h.update(os.path.relpath(path, root).encode() + b"\0")
+        for i in picks:
+            h.update(str(os.path.getsize(samples[i][0])).encode())
+    elif isinstance(dataset, TensorDictDataset):
+        h.update(str(tuple(dataset.images.shape)).encode())
+        for i in picks:
+            h.update(dataset.images[i].contiguous().numpy().tobytes())
+    elif n:
+        h.update(torch.as_tensor(dataset[0]["image"]).float().numpy().tobytes())
+    return h.hexdigest()[:16]

@@ -30,12 +30,73 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
 from xaudit.data.base import Batch, TensorDictDataset, dataset_labels
+from xaudit.roar.masking import keep_mask
 
-#: builds the keep-mask bool [B,H,W] of a batch from its dataset indices (long [B], on the CPU)
+#: builds the keep-mask bool [B,H,W] of a batch from its dataset indices (long [B], on the batch's device)
 KeepFn = Callable[[Tensor], Tensor]
+
+
+class MapKeep:
+    """A :data:`KeepFn` over stored maps: a batch's keep-mask from its dataset indices, equal to the
+    rows of :func:`keep_mask` over the whole split (each tie-break is seeded by dataset position).
+
+    ``attr`` is anything indexable by a long tensor of indices (a tensor, a
+    :class:`xaudit.roar.store.MapReader`); with a ``row(i)`` method too, :class:`StreamBatches` reads
+    each sample's map in its DataLoader workers next to the image, and only the selection runs on
+    the device. ``offset`` shifts the positions that seed the tie-break (the test split's).
+    """
+
+    def __init__(self, attr: object, fraction: float, mode: str, tie_seed: int, offset: int = 0) -> None:
+        self.attr, self.fraction, self.mode = attr, float(fraction), mode
+        self.tie_seed, self.offset = int(tie_seed), int(offset)
+
+    @property
+    def reads_rows(self) -> bool:
+        """Whether single maps can be read per sample (in loader workers)."""
+        return callable(getattr(self.attr, "row", None))
+
+    def row(self, i: int) -> Tensor:
+        """The stored map of sample ``i``, float32 [H,W] on the CPU."""
+        return self.attr.row(i)  # type: ignore[attr-defined]
+
+    def from_maps(self, maps: Tensor, index: Tensor) -> Tensor:
+        """Keep-mask bool [B,H,W] of ``maps`` [B,H,W] (on their device) of the samples ``index``."""
+        return keep_mask(maps.float(), self.fraction, self.mode, self.tie_seed,
+                         positions=index.cpu().long() + self.offset)
+
+    def __call__(self, index: Tensor) -> Tensor:
+        maps = self.attr[index.cpu().long()]  # type: ignore[index]
+        return self.from_maps(torch.as_tensor(maps).to(index.device), index)
+
+
+class _WithMaps(Dataset):
+    """``dataset``'s items with their stored map under ``"keep_map"`` (read in the loader's workers)."""
+
+    def __init__(self, dataset: Dataset, keep: MapKeep) -> None:
+        self.dataset, self.keep = dataset, keep
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.dataset[i], "keep_map": self.keep.row(i), "keep_index": i}
+
+
+class _CollateKeep:
+    """Collates a batch and, in the loader worker, turns its maps into the keep-mask (CPU training:
+    the selection then runs in parallel with decoding instead of in the training process)."""
+
+    def __init__(self, keep: MapKeep) -> None:
+        self.keep = keep
+
+    def __call__(self, items: list[dict]) -> dict:
+        indices = torch.tensor([int(item.pop("keep_index")) for item in items])
+        batch = default_collate(items)
+        batch["keep"] = self.keep.from_maps(batch.pop("keep_map"), indices)
+        return batch
 
 
 class LazyImages:
@@ -205,10 +266,12 @@ class DeviceBatches:
         self.epoch += 1
         return idx, g
 
-    def _finish(self, x: Tensor, sel: Tensor, g: torch.Generator) -> Tensor:
-        """Keep-mask, augmentation and memory format of one normalised batch on the device."""
-        if self.keep is not None:
-            keep = self.keep(sel.cpu()) if callable(self.keep) else self.keep[sel]
+    def _finish(self, x: Tensor, sel: Tensor, g: torch.Generator, keep: Tensor | None = None) -> Tensor:
+        """Keep-mask (given, or from ``self.keep``), augmentation and memory format of one normalised
+        batch on the device."""
+        if keep is None and self.keep is not None:
+            keep = self.keep(sel) if callable(self.keep) else self.keep[sel]
+        if keep is not None:
             x = x * keep.to(x.device)[:, None]
         if self.train and self.augment:
             x = augment_batch(x, g)
@@ -263,7 +326,9 @@ class StreamBatches(DeviceBatches):
     with images decoded by ``DataLoader`` workers and moved to ``device`` one batch at a time.
 
     Memory is O(batch × workers × prefetch); nothing of the split is held. ``keep`` should be a
-    :data:`KeepFn` here (a [N,H,W] tensor works too, but is O(dataset)).
+    :data:`KeepFn` here (a [N,H,W] tensor works too, but is O(dataset)); a :class:`MapKeep` over a
+    map file has its maps read by the loader workers with the images (``num_workers > 0``; else in
+    one read per batch), and the selection made per batch on the device.
     """
 
     def __init__(self, split: TensorSplit, batch_size: int, *, num_workers: int = 0, pin_memory: bool = False,
@@ -271,7 +336,10 @@ class StreamBatches(DeviceBatches):
         lazy = split.images
         assert isinstance(lazy, LazyImages), "StreamBatches needs a streamed split (TensorSplit.from_dataset)"
         # private names: Lightning takes an object with ``dataset``/``sampler`` for a DataLoader to re-wrap
-        self._dataset = lazy.dataset
+        keep = kwargs.get("keep")
+        # with workers, they read each sample's map next to its image; without, one batch read is cheaper
+        self._map_keep = keep if isinstance(keep, MapKeep) and keep.reads_rows and num_workers > 0 else None
+        self._dataset = lazy.dataset if self._map_keep is None else _WithMaps(lazy.dataset, self._map_keep)
         self.num_workers, self.pin_memory = int(num_workers), bool(pin_memory)
         self._sampler = _ListSampler()
         self._loader: DataLoader | None = None
@@ -281,7 +349,10 @@ class StreamBatches(DeviceBatches):
 
     def _iterable(self) -> DataLoader:
         if self._loader is None:  # one loader: its workers persist across epochs
+            # on a CPU device the workers also select (spare cores); on an accelerator the device does
+            collate = _CollateKeep(self._map_keep) if self._map_keep is not None and self.device.type == "cpu" else None
             self._loader = DataLoader(self._dataset, batch_size=self.batch_size, sampler=self._sampler,
+                                      collate_fn=collate,
                                       num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
                                       pin_memory=self.pin_memory, drop_last=False)
         return self._loader
@@ -293,9 +364,15 @@ class StreamBatches(DeviceBatches):
         for start, item in zip(range(0, idx.numel(), self.batch_size), self._iterable(), strict=True):
             sel = idx[start:start + self.batch_size]
             x = item["image"].to(self.device, non_blocking=non_blocking).float()
-            batch = {"image": self._finish(x, sel.to(self.device), g),
+            sel = sel.to(self.device)
+            keep = None
+            if "keep" in item:  # built by the workers
+                keep = item["keep"]
+            elif self._map_keep is not None:
+                keep = self._map_keep.from_maps(item["keep_map"].to(self.device, non_blocking=non_blocking), sel)
+            batch = {"image": self._finish(x, sel, g, keep),
                      "label": item["label"].to(self.device, non_blocking=non_blocking).long(),
-                     "index": sel.to(self.device)}
+                     "index": sel}
             if self.has_masks and "mask" in item:
                 batch["mask"] = item["mask"].to(self.device, non_blocking=non_blocking)
             yield batch

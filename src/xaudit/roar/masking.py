@@ -48,11 +48,32 @@ def tie_priority(seeds: Tensor, p: int) -> Tensor:
     whole batch is one vectorised computation (no per-image loop) and CPU and CUDA agree bit for
     bit (int64 arithmetic wraps the same way on both).
     """
-    x = seeds.long()[:, None] * _MIX[0] + torch.arange(p, device=seeds.device)[None, :] * _MIX[2]
+    return _splitmix(seeds.long()[:, None], torch.arange(p, device=seeds.device)[None, :])
+
+
+def _splitmix(seeds: Tensor, pixels: Tensor) -> Tensor:
+    """The hash of :func:`tie_priority` for broadcastable (seed, pixel) tensors."""
+    x = seeds * _MIX[0] + pixels * _MIX[2]
     for c in (_MIX[1], _MIX[2]):
         x = x ^ ((x >> 31) & 0x1FFFFFFFF)  # logical shift of the 64-bit pattern
         x = x * c
     return x ^ ((x >> 29) & 0x7FFFFFFFF)
+
+
+def order_key(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: Tensor | None = None) -> Tensor:
+    """Composite int64 sort key [N, H·W]: ascending key = most important first (ties seeded at random).
+
+    The attribution's float32 bits made monotonic (descending), then the tie priority's low 32
+    bits (ascending); ``+ 0.0`` makes -0.0 tie with 0.0. ``positions``/``offset``: see
+    :func:`removal_order`.
+    """
+    n = attr.shape[0]
+    flat = attr.reshape(n, -1).float()
+    where = (torch.arange(n) + int(offset)) if positions is None else positions.cpu().long()
+    prio = tie_priority(where.to(flat.device) + int(tie_seed) * 1_000_003, flat.shape[1])
+    bits = (flat + 0.0).view(torch.int32).long()
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotonic in the float value
+    return (-ordered) * (1 << 32) + (prio & 0xFFFFFFFF)
 
 
 def removal_order(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: Tensor | None = None) -> Tensor:
@@ -62,20 +83,49 @@ def removal_order(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: T
     default ``offset + arange(N)``, so ranks depend neither on chunking nor on batch order. The
     ranks are computed on ``attr``'s device.
     """
-    n = attr.shape[0]
-    flat = attr.reshape(n, -1).float()
-    p = flat.shape[1]
-    where = (torch.arange(n) + int(offset)) if positions is None else positions.cpu().long()
-    prio = tie_priority(where.to(flat.device) + int(tie_seed) * 1_000_003, p)
-    # one sort on a composite int64 key: attribution descending (its float32 bits made monotonic),
-    # then the tie priority (low 32 bits) ascending; + 0.0 makes -0.0 tie with 0.0
-    bits = (flat + 0.0).view(torch.int32).long()
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotonic in the float value
-    key = (-ordered) * (1 << 32) + (prio & 0xFFFFFFFF)
+    key = order_key(attr, tie_seed, offset, positions)
+    n, p = key.shape
     order = key.argsort(dim=1, stable=True)  # pixel ids, most important first
     rank = torch.empty_like(order)
     rank.scatter_(1, order, torch.arange(p, device=order.device).expand(n, -1))
     return rank
+
+
+def _keep_rows(attr: Tensor, k: int, mode: str, tie_seed: int, positions: Tensor) -> Tensor:
+    """Bool [n, H·W] keep rows, equal to thresholding :func:`removal_order`'s ranks at ``k``.
+
+    Selection, not sorting: one ``kthvalue`` per image finds the cut value ``t``; pixels beyond it
+    go, and only the pixels equal to ``t`` (a tie the seeded priority breaks; common with
+    float16 maps) are hashed and ordered, all rows at once in one small sort of those pixels.
+    Rows holding NaN take the full ranking.
+    """
+    n = attr.shape[0]
+    flat = attr.reshape(n, -1).float() + 0.0  # + 0.0: -0.0 ties with 0.0, as in order_key
+    p = flat.shape[1]
+    if k == 0:
+        return torch.ones(n, p, dtype=torch.bool, device=flat.device)
+    roar = mode == "roar"
+    # roar removes the k largest, kar the k smallest attributions
+    t = flat.kthvalue(p - k + 1 if roar else k, dim=1, keepdim=True).values
+    removed = flat > t if roar else flat < t
+    need = k - removed.sum(dim=1)  # how many of the pixels equal to t go, per row
+    rows, cols = (flat == t).nonzero(as_tuple=True)
+    if rows.numel():
+        seeds = positions.to(flat.device).long() + int(tie_seed) * 1_000_003
+        prio = _splitmix(seeds[rows], cols) & 0xFFFFFFFF
+        order = (rows * (1 << 32) + prio).argsort(stable=True)  # by row, then priority, then pixel
+        rows, cols = rows[order], cols[order]
+        count = torch.bincount(rows, minlength=n)
+        start = torch.cumsum(count, 0) - count
+        j = torch.arange(rows.numel(), device=flat.device) - start[rows]  # place among the row's ties
+        go = j < need[rows] if roar else j >= count[rows] - need[rows]
+        removed[rows[go], cols[go]] = True
+    bad = flat.isnan().any(dim=1).nonzero().flatten()
+    keep = ~removed
+    if bad.numel():
+        rank = removal_order(attr[bad], tie_seed, positions=positions[bad.cpu()])
+        keep[bad] = rank >= k if roar else rank < p - k
+    return keep
 
 
 def keep_mask(attr: Tensor, fraction: float, mode: str, tie_seed: int = 0, offset: int = 0,
@@ -89,6 +139,5 @@ def keep_mask(attr: Tensor, fraction: float, mode: str, tie_seed: int = 0, offse
     where = (torch.arange(n) + int(offset)) if positions is None else positions.cpu().long()
     out = torch.empty(n, h * w, dtype=torch.bool, device=attr.device)
     for s in range(0, n, chunk):
-        rank = removal_order(attr[s:s + chunk], tie_seed, positions=where[s:s + chunk])
-        out[s:s + chunk] = rank >= k if mode == "roar" else rank < h * w - k
+        out[s:s + chunk] = _keep_rows(attr[s:s + chunk], k, mode, tie_seed, where[s:s + chunk])
     return out.view(n, h, w)

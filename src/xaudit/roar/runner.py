@@ -35,10 +35,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from xaudit.roar.data import KeepFn, SplitDataModule, TensorSplit
+from xaudit.roar.data import KeepFn, MapKeep, SplitDataModule, TensorSplit
 from xaudit.roar.masking import MODES, keep_mask
 from xaudit.roar.results import ResultsLog
-from xaudit.roar.store import AttributionStore, MapReader, method_key
+from xaudit.roar.store import AttributionStore, method_key
 from xaudit.utils.claims import HOST, ClaimBoard
 from xaudit.utils.distributed import broadcast, is_global_zero
 from xaudit.utils.errors import ConfigError
@@ -331,23 +331,10 @@ class RoarSweep:
                 offset = 0 if split_name == "train" else len(self.train)
                 if split.streamed:  # each batch's maps read from the raw map file, its mask built when served
                     reader = store.reader(split_name, len(split), size, self.store_dtype, write=self.is_writer)
-                    masks.append(_BatchKeep(reader, cell.fraction, self.mode, self.tie_seed, offset))
+                    masks.append(MapKeep(reader, cell.fraction, self.mode, self.tie_seed, offset))
                 else:
                     attr = store.load(split_name, len(split), size)
                     assert attr is not None
                     masks.append(keep_mask(attr, cell.fraction, self.mode, self.tie_seed, offset))
             self._masks[key] = (masks[0], masks[1])
         return self._masks[key]
-
-
-class _BatchKeep:
-    """A :data:`KeepFn`: the keep-mask of a batch from its dataset indices, equal to the rows of
-    :func:`keep_mask` over the whole split (the tie-break is seeded by dataset position)."""
-
-    def __init__(self, attr: Tensor | MapReader, fraction: float, mode: str, tie_seed: int, offset: int) -> None:
-        self.attr, self.fraction, self.mode, self.tie_seed, self.offset = attr, fraction, mode, tie_seed, offset
-
-    def __call__(self, index: Tensor) -> Tensor:
-        index = index.cpu().long()
-        return keep_mask(self.attr[index].float(), self.fraction, self.mode, self.tie_seed,
-                         positions=index + self.offset)

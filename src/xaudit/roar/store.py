@@ -18,7 +18,9 @@ reads any batch of rows from it through a short-lived memory map: O(batch) memor
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,12 @@ class AttributionStore:
         manifest = self.dir / "manifest.json"
         if manifest.is_file():
             diffs = config_diff(json.loads(manifest.read_text()), plain_json(self.fingerprint))
+            changed = [d for d in diffs if d.startswith("content.")]
+            if changed:
+                raise ConfigError(
+                    f"The data changed since the attributions in {self.dir} were written ({'; '.join(changed)}: "
+                    "other files, labels, sizes or images). Delete that folder to recompute them on the current "
+                    "data, or point data.data_dir back at the data they were computed on.")
             if diffs:
                 raise ConfigError(
                     f"The stored attributions in {self.dir} were computed with a different setup "
@@ -189,28 +197,57 @@ _RAW = {torch.float16: (np.float16, "float16"), torch.bfloat16: (np.uint16, "bfl
 
 
 class MapReader:
-    """Rows of a split's raw map file: ``reader[index]`` → float32 [B,H,W] for dataset indices.
+    """Rows of a split's raw map file: ``reader[index]`` → float32 [B,H,W] for dataset indices,
+    ``reader.row(i)`` → float32 [H,W] for one.
 
-    Each read maps the file, copies the rows out and unmaps it, so memory stays O(batch) however
-    many maps a sweep reads. Picklable (it holds the path only), so DDP workers can read it.
+    A batch read maps the file, copies the rows out and unmaps it; a row read is one ``pread`` of
+    that row's bytes. Memory stays O(batch) however many maps a sweep reads. Picklable (it holds the
+    path; each process opens its own handle), so DDP ranks and DataLoader workers can read it.
     """
 
     def __init__(self, path: str | Path, n: int, size: tuple[int, int], dtype: torch.dtype) -> None:
         self.path, self.n, self.size, self.dtype = Path(path), int(n), tuple(size), dtype
+        self._fd: tuple[int, int] | None = None  # (pid, file descriptor) of this process's handle
 
     def __len__(self) -> int:
         return self.n
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fd": None}
+
+    def _decode(self, rows: np.ndarray) -> Tensor:
+        out = torch.from_numpy(rows)
+        if self.dtype == torch.bfloat16:
+            out = out.view(torch.bfloat16)
+        return out.float()
 
     def __getitem__(self, index: Tensor) -> Tensor:
         index = torch.as_tensor(index).long().cpu().flatten()
         raw = np.memmap(self.path, dtype=_RAW[self.dtype][0], mode="r", shape=(self.n, *self.size))
         try:
-            rows = torch.from_numpy(np.array(raw[index.numpy()]))
+            rows = np.array(raw[index.numpy()])
         finally:
             del raw
-        if self.dtype == torch.bfloat16:
-            rows = rows.view(torch.bfloat16)
-        return rows.float()
+        return self._decode(rows)
+
+    def row(self, i: int) -> Tensor:
+        """One map float32 [H,W] (sample ``i``), read without mapping the file."""
+        if not 0 <= int(i) < self.n:
+            raise IndexError(f"sample {i} is outside the {self.n} maps of {self.path}")
+        if self._fd is None or self._fd[0] != os.getpid():  # a forked worker opens its own handle
+            self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
+        dtype = np.dtype(_RAW[self.dtype][0])
+        nbytes = self.size[0] * self.size[1] * dtype.itemsize
+        data = os.pread(self._fd[1], nbytes, int(i) * nbytes)
+        if len(data) != nbytes:
+            raise ConfigError(f"{self.path} ends before map {i}: it is truncated. Delete it; the rerun rebuilds it "
+                              "from the shards.")
+        return self._decode(np.frombuffer(data, dtype=dtype).reshape(self.size).copy())
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", None) is not None and self._fd[0] == os.getpid():
+            with contextlib.suppress(OSError):
+                os.close(self._fd[1])
 
 
 def barrier() -> None:

@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from xaudit.data.base import dataset_fingerprint
 from xaudit.explainers import create
 from xaudit.explainers import names as explainer_names
 from xaudit.metrics.base import evaluating
@@ -405,8 +406,8 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
     results.check_config({**identity, "mode": mode, "tie_seed": tie_seed, "store_dtype": str(roar.store_dtype),
                           "recipe": effective}, accept=accepted_changes(cfg))
     datamodule.setup("fit")
-    train = TensorSplit.from_dataset(datamodule.plain_train_set(), datamodule.mean, datamodule.std,
-                                     stream=data_path(cfg))
+    plain_train = datamodule.plain_train_set()
+    train = TensorSplit.from_dataset(plain_train, datamodule.mean, datamodule.std, stream=data_path(cfg))
     sizes = {"num_classes": datamodule.num_classes, "in_chans": datamodule.in_chans,
              "image_size": datamodule.image_size}
 
@@ -417,7 +418,9 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
     sweep = RoarSweep(mode=mode, methods=methods, fractions=fractions, seeds=seeds, recipe=recipe, train=train,
                       test=test, net=classifier.net, build_model=build_model, make_trainer=make_trainer, log=results,
                       store_root=str(out_dir / "attributions"),
-                      store_fingerprint={**identity, "store_dtype": str(roar.store_dtype)},
+                      store_fingerprint={**identity, "store_dtype": str(roar.store_dtype),
+                                         "content": {"train": dataset_fingerprint(plain_train),
+                                                     "test": dataset_fingerprint(datamodule.test_set)}},
                       attr_batch_size=batch_size, target=target, store_dtype=store_dtype, tie_seed=tie_seed,
                       is_writer=_is_writer(), claim_stale_s=float(claims.get("stale_s", 300)),
                       claim_heartbeat_s=float(claims.get("heartbeat_s", 15)),
