@@ -92,7 +92,7 @@ def throughput(folder: Path, audit_dir: Path, image_size: int, batch_size: int, 
     dm = ImageFolderDataModule(data_dir=str(folder), image_size=image_size, augment=True)
     dm.setup("fit")
     dataset = dm.plain_train_set()  # what ROAR reads: the eval transform, augmented per batch
-    maps = sorted((audit_dir / "attributions" / "saliency" / "train").glob("maps_*"))
+    maps = sorted((audit_dir / "attributions" / "saliency" / "train").glob("maps_r*"))  # shard files, rank order
     source = "the ROAR run's stored saliency maps"
     if not maps:  # --throughput-only on a fresh folder: seeded random maps in the store's format
         source = "seeded random float16 maps (no ROAR run at this size)"
@@ -104,7 +104,7 @@ def throughput(folder: Path, audit_dir: Path, image_size: int, batch_size: int, 
                 rows = min(1024, len(dataset) - start)
                 f.write(rng.random((rows, image_size, image_size), dtype=np.float32).astype(np.float16).tobytes())
         maps = [path]
-    reader = MapReader(maps[0], len(dataset), (image_size, image_size), torch.float16)
+    reader = MapReader(maps, len(dataset), (image_size, image_size), torch.float16)
     split = TensorSplit.from_dataset(dataset, dm.mean, dm.std)
     pin = device.type == "cuda"
 

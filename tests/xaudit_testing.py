@@ -119,3 +119,39 @@ def kill_when(script: str, args: Sequence[str], cwd: Path, ready: Callable[[], b
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+
+
+# -- attribution stores: what a killed write left, and that the rerun finished it without recompute --
+def store_logs(attr_root: Path) -> dict[Path, str]:
+    """Every ``done`` log of every method and split under ``attr_root``, with its text."""
+    return {p: p.read_text() for p in attr_root.glob("*/*/done_*.txt")}
+
+
+def logged_batches(attr_root: Path) -> int:
+    """How many finished batches the ``done`` logs under ``attr_root`` record."""
+    return sum(len(text.splitlines()) for text in store_logs(attr_root).values())
+
+
+def assert_store_resumed(attr_root: Path, reference_root: Path, logged: dict[Path, str]) -> None:
+    """After the rerun of a killed store write: the batches logged before the kill stay logged, every
+    sample is logged exactly once (nothing was recomputed), and the shard files equal the
+    uninterrupted run's byte for byte."""
+    import json
+
+    import torch
+
+    for log, before in logged.items():
+        complete = before.rsplit("\n", 1)[0]  # the last line may have been cut by the kill
+        assert log.read_text().startswith(complete), f"{log}: finished batches stay logged"
+    for layout in attr_root.glob("*/*/layout.json"):
+        n = json.loads(layout.read_text())["n"]
+        count = torch.zeros(n, dtype=torch.long)
+        for log in layout.parent.glob("done_*.txt"):
+            for line in log.read_text().splitlines():
+                a, b, c = (int(v) for v in line.split())
+                count[a:b:c] += 1
+        assert count.tolist() == [1] * n, f"{layout.parent}: a sample was written twice or never"
+    files = sorted(p.relative_to(attr_root) for p in attr_root.glob("*/*/maps_*"))
+    assert files and files == sorted(p.relative_to(reference_root) for p in reference_root.glob("*/*/maps_*"))
+    for rel in files:
+        assert (attr_root / rel).read_bytes() == (reference_root / rel).read_bytes(), rel

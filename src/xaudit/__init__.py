@@ -6,6 +6,9 @@ both entry points import it before Hydra resolves anything.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import sys
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -76,3 +79,19 @@ def _register_resolvers() -> None:
 
 
 _register_resolvers()
+
+
+def _destroy_process_group_at_exit() -> None:
+    """Destroy a still-open ``torch.distributed`` process group before the interpreter shuts down.
+
+    Lightning does this at exit for NCCL only. A gloo group left to the C++ static destructors (CPU
+    DDP, ``ddp_spawn`` workers) can abort the exiting process ("terminate called without an active
+    exception", SIGABRT) while its worker threads are still joinable; destroying it here joins them.
+    """
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+
+atexit.register(_destroy_process_group_at_exit)

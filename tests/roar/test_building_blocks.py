@@ -126,7 +126,7 @@ def test_results_log_is_idempotent_and_refuses_a_changed_setup(tmp_path: Path) -
     assert all(json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines())
 
 
-def test_attribution_store_writes_shards_once_and_reassembles_them(tmp_path: Path) -> None:
+def test_attribution_store_writes_each_row_once_and_reassembles_them(tmp_path: Path) -> None:
     import pytorch_lightning as pl
 
     from xaudit.explainers import create
@@ -146,15 +146,20 @@ def test_attribution_store_writes_shards_once_and_reassembles_them(tmp_path: Pat
                           enable_model_summary=False)
 
     store.compute("test", split, net, trainer(), batch_size=4, target="label", dtype=torch.float16)
-    shards = sorted((tmp_path / "saliency" / "test").glob("shard_*.pt"))
-    assert len(shards) == 3
+    folder = tmp_path / "saliency" / "test"
+    shard = folder / "maps_r0000of0001_10x16x16.float16"  # one raw shard per rank, fixed shape
+    assert sorted(p.name for p in folder.iterdir()) == ["done_r0000of0001.txt", "layout.json", shard.name]
+    assert shard.stat().st_size == 10 * 16 * 16 * 2
+    log = (folder / "done_r0000of0001.txt").read_text()
+    assert log == "0 4 1\n4 8 1\n8 10 1\n"  # one line per finished batch of 4
     attr = store.load("test", 10, (16, 16))
     x = split.normalise(split.images)
     ref = create("saliency", net).attribute(x, split.labels)
     ref = ref / ref.flatten(1).abs().amax(1).view(-1, 1, 1)
     torch.testing.assert_close(attr, ref, atol=1e-3, rtol=1e-3)  # float16 storage: ~3 decimal digits
-    stamp = [p.stat().st_mtime_ns for p in shards]
+    stamp = shard.stat().st_mtime_ns
     store.compute("test", split, net, trainer(), batch_size=4, target="label", dtype=torch.float16)
-    assert [p.stat().st_mtime_ns for p in shards] == stamp  # finished shards are not recomputed
+    assert shard.stat().st_mtime_ns == stamp and (folder / "done_r0000of0001.txt").read_text() == log, \
+        "finished rows are not recomputed"
     with pytest.raises(ConfigError, match="different setup"):
         AttributionStore(tmp_path, "saliency", {}, {"ckpt": "y"})

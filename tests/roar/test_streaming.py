@@ -18,13 +18,20 @@ from torch.utils.data import Dataset
 from xaudit.data.base import TensorDictDataset
 from xaudit.roar.data import DeviceBatches, LazyImages, MapKeep, StreamBatches, TensorSplit
 from xaudit.roar.masking import keep_mask
-from xaudit.roar.store import AttributionStore, MapReader, shard_name
+from xaudit.roar.store import AttributionStore, MapReader, ShardWriter, SplitLayout
 from xaudit.tasks.audit import audit
 from xaudit.tasks.train import train
 from xaudit.utils.errors import ConfigError
-from xaudit.utils.io import atomic_torch_save
 
-from xaudit_testing import QUIET, compose_config, kill_when, write_image_folder
+from xaudit_testing import (
+    QUIET,
+    assert_store_resumed,
+    compose_config,
+    kill_when,
+    logged_batches,
+    store_logs,
+    write_image_folder,
+)
 
 
 class Counting(Dataset):
@@ -145,11 +152,43 @@ def test_streamed_audit_equals_the_in_memory_audit(mode: str, folder_ckpt: tuple
 
 
 @pytest.mark.slow
+@pytest.mark.ddp
+def test_ddp_ranks_each_write_their_own_shard_and_equal_one_device(folder_ckpt: tuple[str, Path],
+                                                                  tmp_path: Path) -> None:
+    """Streamed ROAR under ddp_sim: rank r explains and writes only samples r, r+2, ... into its own
+    shard file, and the two shards hold the maps one process computes."""
+    ckpt, _ = folder_ckpt
+    extra = ["audit=roar", "explainer=[saliency]", "controls=[]", "roar.fractions=[0.5]", "roar.epochs=1",
+             "data_path=stream"]
+    two = _audit(ckpt, tmp_path / "two", *extra, "trainer=ddp_sim")
+    one = _audit(ckpt, tmp_path / "one", *extra)
+    assert [r["cell"] for r in two] == [r["cell"] for r in one] and len(two) == 2
+    assert [r["test_count"] for r in two] == [r["test_count"] for r in one]  # unpadded evaluation shards
+    for split in ("train", "test"):
+        folder = tmp_path / "two" / "audit" / "attributions" / "saliency" / split
+        layout = json.loads((folder / "layout.json").read_text())
+        n = layout["n"]
+        assert layout["world"] == 2 and sorted(p.name for p in folder.glob("maps_*")) == [
+            f"maps_r{r:04d}of0002_{n}x16x16.float16" for r in range(2)]
+        for rank in range(2):
+            written = torch.zeros(n, dtype=torch.bool)
+            for line in (folder / f"done_r{rank:04d}of0002.txt").read_text().splitlines():
+                a, b, c = (int(v) for v in line.split())
+                written[a:b:c] = True
+            assert written.nonzero().flatten().tolist() == list(range(rank, n, 2)), (split, rank)
+        one_folder = tmp_path / "one" / "audit" / "attributions" / "saliency" / split
+        two_maps = MapReader(sorted(folder.glob("maps_*")), n, (16, 16), torch.float16)[torch.arange(n)]
+        one_maps = MapReader(sorted(one_folder.glob("maps_*")), n, (16, 16), torch.float16)[torch.arange(n)]
+        # float16 storage of per-image maps computed in differently composed batches
+        torch.testing.assert_close(two_maps, one_maps, rtol=0, atol=1e-3)
+
+
+@pytest.mark.slow
 def test_streamed_store_killed_while_written_completes_without_recomputing(folder_ckpt: tuple[str, Path],
                                                                            tmp_path: Path) -> None:
-    """SIGKILL of `python audit.py` (streamed ImageFolder ROAR) once the first shard exists: the rerun
-    keeps every finished shard byte for byte, writes the rest, and ends with the uninterrupted run's
-    shards, map files and results."""
+    """SIGKILL of `python audit.py` (streamed ImageFolder ROAR) once the first batch of maps is logged
+    done: the rerun keeps every finished row, writes only the rest (no sample is logged twice), and
+    ends with the uninterrupted run's shard files and results."""
     ckpt, folder_out = folder_ckpt
     extra = ["audit=roar", "explainer=[saliency]", "controls=[random]", "roar.fractions=[0.5]", "roar.epochs=1",
              "batch_size=2", "data_path=stream"]
@@ -158,27 +197,13 @@ def test_streamed_store_killed_while_written_completes_without_recomputing(folde
     attr = out / "audit" / "attributions"
     args = [*QUIET, *extra, f"ckpt_path={ckpt}", f"out_dir={out / 'audit'}", f"paths.data_dir={folder_out / 'data'}",
             f"paths.log_dir={out / 'logs'}", f"hydra.run.dir={out / 'hydra'}"]
-    kill_when("audit.py", args, tmp_path, lambda: bool(list(attr.glob("*/*/shard_*.pt"))), "no shard written",
-              poll=0.005)
-    kept = {p: p.read_bytes() for p in attr.glob("*/*/shard_*.pt")}
-    written = {p: p.stat().st_mtime_ns for p in kept}
+    kill_when("audit.py", args, tmp_path, lambda: logged_batches(attr) > 0, "no batch of maps written", poll=0.005)
+    logged = store_logs(attr)
     ref_attr = tmp_path / "ref" / "audit" / "attributions"
-    n_reference = len(list(ref_attr.glob("*/*/shard_*.pt")))
-    assert 1 <= len(kept) < n_reference, "killed while the store was being written"
+    assert 1 <= logged_batches(attr) < logged_batches(ref_attr), "killed while the store was written"
 
     got = _audit(ckpt, out, *extra)
-    assert all(p.read_bytes() == data for p, data in kept.items())
-    assert all(p.stat().st_mtime_ns == t for p, t in written.items()), "finished shards were not rewritten"
-    files = sorted(p.relative_to(attr) for p in attr.glob("*/*/*") if p.name.startswith(("shard_", "maps_")))
-    assert files == sorted(p.relative_to(ref_attr) for p in ref_attr.glob("*/*/*")
-                           if p.name.startswith(("shard_", "maps_")))
-    assert any(f.name.startswith("maps_") for f in files), "the streamed cells read the raw map files"
-    for rel in files:
-        if rel.name.startswith("maps_"):
-            assert (attr / rel).read_bytes() == (ref_attr / rel).read_bytes(), rel
-        else:
-            a, b = (torch.load(root / rel, weights_only=True) for root in (attr, ref_attr))
-            assert torch.equal(a["index"], b["index"]) and torch.equal(a["attr"], b["attr"]), rel
+    assert_store_resumed(attr, ref_attr, logged)
     assert [r["cell"] for r in got] == [r["cell"] for r in reference] and len(got) == 3
     for g, r in zip(got, reference, strict=True):
         assert g["test_acc"] == r["test_acc"], g["cell"]
@@ -216,24 +241,32 @@ def test_dataset_fingerprint_sees_labels_files_and_images() -> None:
     assert base != dataset_fingerprint(TensorDictDataset(images, labels.roll(1), (0.5,) * 3, (0.5,) * 3))
 
 
-# -- the raw map file: O(1) reads by index, clear errors on foreign or broken shards ---------------
+# -- the shard files: O(1) reads by index, clear errors on foreign or broken stores -----------------
 def _store_with_shards(root: Path, n: int = 10, size: tuple[int, int] = (4, 5),
-                       dtype: torch.dtype = torch.float16) -> tuple[AttributionStore, torch.Tensor]:
+                       dtype: torch.dtype = torch.float16, world: int = 1) -> tuple[AttributionStore, torch.Tensor]:
+    """A store written the way ``predict`` writes it: ``world`` ranks, rank r taking r, r+W, ... in
+    batches of 2, each into its own shard file."""
     store = AttributionStore(root, "saliency", {}, {"data": "x"})
     maps = torch.randn(n, *size, generator=torch.Generator().manual_seed(0)).to(dtype)
-    for first in range(0, n, 4):  # shards of contiguous rows, written the way predict writes them
-        index = torch.arange(first, min(first + 4, n))
-        atomic_torch_save(store.split_dir("train") / shard_name(first, index.numel()),
-                          {"index": index, "attr": maps[index]})
+    layout = store.prepare("train", n, size, dtype, world)
+    for rank in range(world):
+        writer = ShardWriter(layout, rank, world)
+        mine = torch.arange(rank, n, world)
+        for first in range(0, mine.numel(), 2):
+            index = mine[first:first + 2]
+            writer.write(index, maps[index])
+        writer.close()
     return store, maps
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_map_reader_reads_any_rows_like_the_whole_load(dtype: torch.dtype, tmp_path: Path) -> None:
-    store, maps = _store_with_shards(tmp_path, dtype=dtype)
+@pytest.mark.parametrize("world", [1, 3])
+def test_map_reader_reads_any_rows_like_the_whole_load(dtype: torch.dtype, world: int, tmp_path: Path) -> None:
+    store, maps = _store_with_shards(tmp_path, dtype=dtype, world=world)
     reader = store.reader("train", 10, (4, 5), dtype)
-    assert reader.path.name == f"maps_10x4x5.{str(dtype).split('.')[-1]}" and reader.path.stat().st_size == (
-        10 * 4 * 5 * maps.element_size())
+    name = str(dtype).split(".")[-1]
+    assert [p.name for p in reader.paths] == [f"maps_r{r:04d}of{world:04d}_10x4x5.{name}" for r in range(world)]
+    assert sum(p.stat().st_size for p in reader.paths) == 10 * 4 * 5 * maps.element_size()  # no second copy
     index = torch.tensor([7, 0, 3, 3, 9])
     assert torch.equal(reader[index], maps[index].float())
     assert torch.equal(reader[index], store.load("train", 10, (4, 5))[index])
@@ -242,20 +275,34 @@ def test_map_reader_reads_any_rows_like_the_whole_load(dtype: torch.dtype, tmp_p
         reader.row(10)
 
 
-def test_truncated_map_file_is_a_clear_error(tmp_path: Path) -> None:
+def test_truncated_shard_file_is_a_clear_error(tmp_path: Path) -> None:
     store, _ = _store_with_shards(tmp_path)
     reader = store.reader("train", 10, (4, 5), torch.float16)
     reader.path.write_bytes(reader.path.read_bytes()[: 4 * 4 * 5 * 2])  # only 4 of 10 maps left
-    with pytest.raises(ConfigError, match=r"ends before map 6: it is truncated\. Delete it"):
+    with pytest.raises(ConfigError, match=r"ends before map 6: it is truncated\. Delete .*train"):
         MapReader(reader.path, 10, (4, 5), torch.float16).row(6)
+    with pytest.raises(ConfigError, match=r"holds 160 bytes, not 400: it is truncated or corrupt\. Delete"):
+        store.reader("train", 10, (4, 5), torch.float16)
+
+
+def test_rows_no_done_log_names_are_missing_not_read(tmp_path: Path) -> None:
+    """A kill can cut the last line of a done log: that batch counts as not written."""
+    store, _ = _store_with_shards(tmp_path)
+    log = store.split_dir("train") / "done_r0000of0001.txt"
+    assert log.read_text().splitlines()[-1] == "8 10 1"
+    log.write_text(log.read_text()[:-3])  # "8 1": a line cut short
+    assert not store.complete("train", 10)
+    assert store.load("train", 10, (4, 5), required=False) is None
+    with pytest.raises(RuntimeError, match=r"miss 2 samples \(first \[8, 9\]\); rerun the audit"):
+        store.reader("train", 10, (4, 5), torch.float16)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_maps_read_by_loader_workers_give_the_in_memory_masks(workers: int, tmp_path: Path) -> None:
-    """A MapKeep over the raw map file: each worker preads its samples' maps next to their images
+    """A MapKeep over the shard files: each worker preads its samples' maps next to their images
     (one file handle per process), the selection runs per batch; masks equal the whole-split ones."""
     data = Counting(n=10, size=5)
-    store, maps = _store_with_shards(tmp_path, n=10, size=(5, 5))
+    store, maps = _store_with_shards(tmp_path, n=10, size=(5, 5), world=2)
     reader = store.reader("train", 10, (5, 5), torch.float16)
     memory = TensorSplit(data.images, data.labels, (0.0,) * 3, (1.0,) * 3, data.masks)
     streamed = TensorSplit.from_dataset(data, (0.0,) * 3, (1.0,) * 3)
@@ -268,14 +315,37 @@ def test_maps_read_by_loader_workers_give_the_in_memory_masks(workers: int, tmp_
         assert torch.equal(x["index"], y["index"]) and torch.equal(x["image"], y["image"])
 
 
-def test_store_of_other_data_or_a_broken_shard_is_a_clear_error(tmp_path: Path) -> None:
+def test_store_of_other_data_or_dtype_is_a_clear_error(tmp_path: Path) -> None:
     store, _ = _store_with_shards(tmp_path)
-    with pytest.raises(ConfigError, match=r"the store is from other data\. Delete .*saliency"):
+    with pytest.raises(ConfigError, match=r"size: stored \[4, 5\], this run \[8, 8\].*the store is from other "
+                                          r"data.*Delete .*saliency"):
         store.reader("train", 10, (8, 8), torch.float16)  # other image size
-    with pytest.raises(ConfigError, match=r"but the data has 6 samples"):
-        store.reader("train", 6, (4, 5), torch.float16)  # a smaller dataset than the store's
-    shard = next(store.split_dir("train").glob("shard_*.pt"))
-    shard.write_bytes(shard.read_bytes()[:40])
-    with pytest.raises(ConfigError, match=r"truncated or corrupt\. Delete it: the rerun recomputes that shard"):
+    with pytest.raises(ConfigError, match=r"n: stored 10, this run 6"):
+        store.reader("train", 6, (4, 5), torch.float16)  # another dataset size
+    with pytest.raises(ConfigError, match=r"dtype: stored 'float16', this run 'float32'.*roar\.store_dtype"):
+        store.reader("train", 10, (4, 5), torch.float32)
+    with pytest.raises(ConfigError, match=r"n: stored 10, this run 12"):
+        store.prepare("train", 12, (4, 5), torch.float16, 1)  # never written over
+    (store.split_dir("train") / "layout.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"not a readable store layout.*Delete"):
         store.reader("train", 10, (4, 5), torch.float16)
-    assert not list(store.split_dir("train").glob("maps_*")), "no half-built map file is left behind"
+
+
+def test_store_begun_by_more_ranks_is_finished_by_fewer(tmp_path: Path) -> None:
+    """A requeued job with another GPU count keeps the store's layout: any rank can write any row."""
+    store, maps = _store_with_shards(tmp_path, n=9, world=3)
+    layout = store.layout("train", 9, (4, 5), torch.float16)
+    assert layout is not None and layout.world == 3
+    log = store.split_dir("train") / "done_r0002of0003.txt"
+    log.unlink()  # rank 2 of 3 was killed before it wrote anything: samples 2, 5, 8 missing
+    assert not store.complete("train", 9)
+    again = store.prepare("train", 9, (4, 5), torch.float16, world=1)
+    assert again.world == 3  # the layout stays
+    writer = ShardWriter(again, rank=0, world=1)
+    missing = (~again.done()).nonzero().flatten()
+    assert missing.tolist() == [2, 5, 8]
+    writer.write(missing, maps[missing])
+    writer.close()
+    assert store.complete("train", 9)
+    assert torch.equal(store.reader("train", 9, (4, 5), torch.float16)[torch.arange(9)], maps.float())
+    assert isinstance(again, SplitLayout)

@@ -23,7 +23,17 @@ from xaudit.tasks.audit import audit
 from xaudit.tasks.train import train
 from xaudit.utils.errors import ConfigError
 
-from xaudit_testing import AUDITED_TRAIN, FAST, QUIET, ROOT, compose_config, kill_when
+from xaudit_testing import (
+    AUDITED_TRAIN,
+    FAST,
+    QUIET,
+    ROOT,
+    assert_store_resumed,
+    compose_config,
+    kill_when,
+    logged_batches,
+    store_logs,
+)
 
 TRAIN = AUDITED_TRAIN
 ROAR = ["audit=roar", "roar.fractions=[0.5,0.9]", "explainer=[grad_cam,saliency]"]
@@ -79,14 +89,14 @@ def test_roar_end_to_end_writes_every_output(roar_run: dict[str, Any]) -> None:
     report = (mode_dir / "report.md").read_text()
     assert "## Findings" in report and "Removing 50%" in report and "roar_accuracy.png" in report
     assert "<img src='roar_accuracy.png'" in (mode_dir / "report.html").read_text()
-    # attribution shards: every train and test sample of every method, half precision
+    # attribution stores: every train and test sample of every method, half precision, one shard file
     attr_root = Path(roar_run["out_dir"]) / "attributions"
     for method in ("grad_cam", "saliency", "random", "sobel"):
         for split, n in (("train", 1200), ("test", 300)):
-            shards = sorted((attr_root / method / split).glob("shard_*.pt"))
-            loaded = [torch.load(p, weights_only=True) for p in shards]
-            assert sum(s["index"].numel() for s in loaded) == n
-            assert all(s["attr"].dtype == torch.float16 for s in loaded)
+            folder = attr_root / method / split
+            assert json.loads((folder / "layout.json").read_text()) == {"n": n, "size": [32, 32], "dtype": "float16",
+                                                                       "world": 1}
+            assert (folder / f"maps_r0000of0001_{n}x32x32.float16").stat().st_size == n * 32 * 32 * 2
 
 
 @pytest.mark.slow
@@ -122,9 +132,9 @@ def test_science_grad_cam_top_pixels_matter_more_than_random(roar_run: dict[str,
 def test_kar_end_to_end_reuses_the_attribution_shards(ckpt: str, roar_run: dict[str, Any]) -> None:
     out = Path(roar_run["out_dir"]).parent
     attr = Path(roar_run["out_dir"]) / "attributions" / "grad_cam" / "train"
-    stamps = {p.name: p.stat().st_mtime_ns for p in attr.glob("shard_*.pt")}
+    stamps = {p.name: p.stat().st_mtime_ns for p in attr.iterdir()}
     result = run_audit(ckpt, out, *[o.replace("audit=roar", "audit=kar") for o in ROAR])
-    assert {p.name: p.stat().st_mtime_ns for p in attr.glob("shard_*.pt")} == stamps, "shards reused"
+    assert {p.name: p.stat().st_mtime_ns for p in attr.iterdir()} == stamps, "the store is reused as it is"
     cells = result["cells"]
     assert len(cells) == ROAR_CELLS and all(k.startswith("kar|") for k in cells)
     mode_dir = Path(result["mode_dir"])
@@ -158,28 +168,21 @@ def test_killed_audit_resumes_with_every_cell_once_and_same_values(ckpt: str, ro
 @pytest.mark.slow
 def test_audit_killed_while_writing_attribution_shards_resumes_them(ckpt: str, roar_run: dict[str, Any],
                                                                       tmp_path: Path) -> None:
-    """SIGKILL as soon as the first attribution shard exists (before any cell): the rerun keeps the
-    finished shards, computes the rest once, and ends with the reference run's shards and cells."""
+    """SIGKILL as soon as the first batch of maps is logged (before any cell): the rerun keeps the
+    finished rows, computes the rest once, and ends with the reference run's shard files and cells."""
     out_dir = tmp_path / "audit"
     args = [*QUIET, *ROAR, f"ckpt_path={ckpt}", f"out_dir={out_dir}",
             f"paths.log_dir={tmp_path / 'logs'}", f"hydra.run.dir={tmp_path / 'hydra'}"]
     attr_root = out_dir / "attributions"
-    kill_when("audit.py", args, tmp_path, lambda: bool(list(attr_root.glob("*/*/shard_*.pt"))),
-              "no shard written", poll=0.005)
-    kept = {p: p.read_bytes() for p in attr_root.glob("*/*/shard_*.pt")}
+    kill_when("audit.py", args, tmp_path, lambda: logged_batches(attr_root) > 0, "no batch of maps written",
+              poll=0.005)
+    logged = store_logs(attr_root)
     reference_root = Path(roar_run["out_dir"]) / "attributions"
-    n_reference = len(list(reference_root.glob("*/*/shard_*.pt")))
-    assert 1 <= len(kept) < n_reference, "killed while shards were being written"
+    assert 1 <= logged_batches(attr_root) < logged_batches(reference_root), "killed while the store was written"
     assert not (out_dir / "roar" / "results.jsonl").is_file() or not read_jsonl(out_dir / "roar" / "results.jsonl")
 
     result = run_audit(ckpt, tmp_path, *ROAR)
-    shards = sorted(p.relative_to(attr_root) for p in attr_root.glob("*/*/shard_*.pt"))
-    assert shards == sorted(p.relative_to(reference_root) for p in reference_root.glob("*/*/shard_*.pt"))
-    assert all(p.read_bytes() == data for p, data in kept.items()), "finished shards were not rewritten"
-    for rel in shards:
-        a = torch.load(attr_root / rel, weights_only=True)
-        b = torch.load(reference_root / rel, weights_only=True)
-        assert torch.equal(a["index"], b["index"]) and torch.equal(a["attr"], b["attr"]), rel
+    assert_store_resumed(attr_root, reference_root, logged)
     lines = read_jsonl(out_dir / "roar" / "results.jsonl")
     assert len(lines) == ROAR_CELLS and len({r["cell"] for r in lines}) == ROAR_CELLS
     assert {k: v["test_acc"] for k, v in result["cells"].items()} == {

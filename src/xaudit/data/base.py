@@ -253,13 +253,14 @@ def dataset_labels(dataset: Dataset) -> torch.Tensor:
     return torch.stack([torch.as_tensor(dataset[i]["label"]) for i in range(len(dataset))]).long()
 
 
-def dataset_fingerprint(dataset: Dataset, probes: int = 256) -> str:
+def dataset_fingerprint(dataset: Dataset, probes: int = 256, labels: torch.Tensor | None = None) -> str:
     """A short hash of what a dataset holds, cheap at ImageNet scale (no full decode, no full scan).
 
     Covers the number of samples and every label; for a file dataset (torchvision ``ImageFolder``
     ``samples``) every file's path under the root and the byte sizes of ``probes`` evenly spaced
     files; for an in-memory :class:`TensorDictDataset` the bytes of ``probes`` evenly spaced images.
     Stored with derived data (attribution stores) so data that changed since is refused, not reused.
+    ``labels``: the dataset's labels when the caller already has them (else :func:`dataset_labels`).
     """
     h = hashlib.sha256()
     if isinstance(dataset, Subset):
@@ -268,7 +269,7 @@ def dataset_fingerprint(dataset: Dataset, probes: int = 256) -> str:
         return h.hexdigest()[:16]
     n = len(dataset)  # type: ignore[arg-type]
     h.update(str(n).encode())
-    h.update(dataset_labels(dataset).numpy().tobytes())
+    h.update((dataset_labels(dataset) if labels is None else labels.long()).cpu().numpy().tobytes())
     picks = sorted({int(i) for i in torch.linspace(0, max(n - 1, 0), min(n, probes)).round().long()}) if n else []
     folder = getattr(dataset, "folder", dataset)
     samples = getattr(folder, "samples", None)

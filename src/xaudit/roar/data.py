@@ -65,7 +65,7 @@ class MapKeep:
     def from_maps(self, maps: Tensor, index: Tensor) -> Tensor:
         """Keep-mask bool [B,H,W] of ``maps`` [B,H,W] (on their device) of the samples ``index``."""
         return keep_mask(maps.float(), self.fraction, self.mode, self.tie_seed,
-                         positions=index.cpu().long() + self.offset)
+                         positions=index.to(maps.device).long() + self.offset)
 
     def __call__(self, index: Tensor) -> Tensor:
         maps = self.attr[index.cpu().long()]  # type: ignore[index]

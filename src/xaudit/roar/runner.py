@@ -329,8 +329,8 @@ class RoarSweep:
             for split_name, split in (("train", self.train), ("test", self.test)):
                 # test ranks offset by the train size: the tie-break never repeats across splits
                 offset = 0 if split_name == "train" else len(self.train)
-                if split.streamed:  # each batch's maps read from the raw map file, its mask built when served
-                    reader = store.reader(split_name, len(split), size, self.store_dtype, write=self.is_writer)
+                if split.streamed:  # each batch's maps read from the shard files, its mask built when served
+                    reader = store.reader(split_name, len(split), size, self.store_dtype)
                     masks.append(MapKeep(reader, cell.fraction, self.mode, self.tie_seed, offset))
                 else:
                     attr = store.load(split_name, len(split), size)

@@ -1,19 +1,24 @@
-"""Attribution shards: each method's maps of a whole split, computed once and kept on disk.
+"""Attribution stores: each method's maps of a whole split, computed once and kept on disk.
 
 Layout under the audit directory::
 
-    attributions/<method-key>/manifest.json         what was explained, and how (fingerprint)
-    attributions/<method-key>/<split>/shard_<first>_<n>.pt   {"index": long [n], "attr": float16 [n,H,W]}
+    attributions/<method-key>/manifest.json          what was explained, and how (fingerprint)
+    attributions/<method-key>/<split>/layout.json    n, map size, dtype and the number of shard files W
+    attributions/<method-key>/<split>/maps_r<r>of<W>_<n>x<h>x<w>.<dtype>   shard r: raw, fixed-shape rows
+    attributions/<method-key>/<split>/done_r<r>of<W>.txt                   the rows writer r finished
 
-Shards are written atomically by whichever rank computed them (Lightning ``predict`` under DDP:
-every rank takes its own slice), so an interrupted run keeps every finished shard and a rerun
-computes only the missing ones. Each map is scaled by its max |value| before the cast to half
-precision (ranking is invariant to positive scaling; float16 would overflow otherwise).
+The maps of a split are written straight into W fixed-shape raw files (W = the number of ranks that
+computed them; float16 by default): shard ``r`` holds the samples ``r, r+W, r+2W, ...``, which is
+exactly the slice Lightning's ``predict`` hands rank ``r`` (evaluation sharding, no padding), so
+under DDP every rank writes only its own file. There is no second copy: the same files are what
+:class:`MapReader` reads by index, each map with one ``pread`` (or a batch through a short-lived
+memory map) without loading the rest.
 
-For reading by index (the streaming path), a complete split is also written once as one raw,
-fixed-shape file ``<split>/maps_<n>x<h>x<w>.<dtype>`` (built shard by shard, atomically; its
-name says its shape, so a store of other data is never read as this one). :class:`MapReader`
-reads any batch of rows from it through a short-lived memory map: O(batch) memory, O(1) per map.
+Crash safety: a writer appends one line per finished batch to its ``done`` log, after the batch's
+rows are written and synced. A killed run leaves its finished batches recorded; the rerun computes
+only the rows no log names (a half-written last line is ignored, so that batch is recomputed).
+Each map is scaled by its max |value| before the cast to half precision (ranking is invariant to
+positive scaling; float16 would overflow otherwise).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +38,13 @@ from xaudit.explainers import create
 from xaudit.roar.data import SplitDataModule, TensorSplit
 from xaudit.roar.results import config_diff, plain_json
 from xaudit.utils.errors import ConfigError
-from xaudit.utils.io import atomic_torch_save, atomic_write_json, atomic_writer, short_hash
+from xaudit.utils.io import atomic_write_json, output_errors, short_hash
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+#: how each store dtype lies on disk (numpy has no bfloat16: its bits as uint16)
+_RAW = {torch.float16: (np.float16, "float16"), torch.bfloat16: (np.uint16, "bfloat16"),
+        torch.float32: (np.float32, "float32")}
 
 
 def method_key(name: str, kwargs: dict[str, Any]) -> str:
@@ -51,40 +59,157 @@ def check_store_dtype(name: str) -> torch.dtype:
     return STORE_DTYPES[name]
 
 
-class AttributionWriter(pl.LightningModule):
-    """Computes one explainer's maps for a split in ``predict`` and writes one shard per batch.
+class SplitLayout:
+    """Where the maps of one split lie: ``world`` raw shard files under ``folder``; sample ``i`` is
+    row ``i // world`` of shard ``i % world``."""
 
-    A batch whose shard already exists is skipped (resume). ``target`` is ``"label"`` (explain the
-    true class) or ``"predicted"``.
+    def __init__(self, folder: str | Path, n: int, size: tuple[int, int], dtype: torch.dtype, world: int) -> None:
+        self.folder, self.n, self.size, self.dtype = Path(folder), int(n), (int(size[0]), int(size[1])), dtype
+        self.world = int(world)
+        self.row_bytes = self.size[0] * self.size[1] * np.dtype(_RAW[dtype][0]).itemsize
+
+    def record(self) -> dict[str, Any]:
+        """What ``layout.json`` holds."""
+        return {"n": self.n, "size": list(self.size), "dtype": _RAW[self.dtype][1], "world": self.world}
+
+    def rows(self, r: int) -> int:
+        """How many maps shard ``r`` holds."""
+        return len(range(r, self.n, self.world))
+
+    def shard(self, r: int) -> Path:
+        """The raw file of shard ``r``."""
+        h, w = self.size
+        return self.folder / f"maps_r{r:04d}of{self.world:04d}_{self.n}x{h}x{w}.{_RAW[self.dtype][1]}"
+
+    def shards(self) -> list[Path]:
+        """Every shard file, in rank order."""
+        return [self.shard(r) for r in range(self.world)]
+
+    def check_sizes(self) -> None:
+        """Every shard file exists and has its full size; else a clear error naming the fix."""
+        for r, path in enumerate(self.shards()):
+            want = self.rows(r) * self.row_bytes
+            have = path.stat().st_size if path.is_file() else -1
+            if have != want:
+                what = "is missing" if have < 0 else f"holds {have} bytes, not {want}: it is truncated or corrupt"
+                raise ConfigError(f"Attribution shard {path} {what}. Delete {self.folder} to recompute this "
+                                  "split's maps.")
+
+    def done(self) -> Tensor:
+        """bool [n]: the samples some writer's ``done`` log records as written."""
+        seen = torch.zeros(self.n, dtype=torch.bool)
+        for log in self.folder.glob("done_*.txt"):
+            for line in log.read_text(errors="replace").splitlines():
+                parts = line.split()
+                if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts):
+                    continue  # a line cut short by a kill: its batch is recomputed
+                start, stop, step = (int(p) for p in parts)
+                if step <= 0 or start < 0 or stop > self.n:
+                    continue
+                seen[start:stop:step] = True
+        return seen
+
+
+def _runs(index: Tensor) -> list[tuple[int, int, int]]:
+    """``index`` (long [B]) as maximal arithmetic runs ``(start, stop, step)`` for the done log."""
+    idx = index.tolist()
+    out, i = [], 0
+    while i < len(idx):
+        step = idx[i + 1] - idx[i] if i + 1 < len(idx) and idx[i + 1] > idx[i] else 1
+        j = i + 1
+        while j < len(idx) and idx[j] - idx[j - 1] == step:
+            j += 1
+        out.append((idx[i], idx[j - 1] + 1, step))  # stop: one past the last sample
+        i = j
+    return out
+
+
+class ShardWriter:
+    """Writes rows of a :class:`SplitLayout` (``write(index, maps)``) and logs each finished batch in
+    this writer's own ``done`` log. Each rank of a ``predict`` opens one."""
+
+    def __init__(self, layout: SplitLayout, rank: int, world: int) -> None:
+        self.layout = layout
+        self.log_path = layout.folder / f"done_r{rank:04d}of{world:04d}.txt"
+        self._fds: dict[int, int] = {}
+
+    def _fd(self, r: int) -> int:
+        if r not in self._fds:
+            self._fds[r] = os.open(self.layout.shard(r), os.O_RDWR)
+        return self._fds[r]
+
+    def write(self, index: Tensor, maps: Tensor) -> None:
+        """Write ``maps`` (store dtype, CPU, [B,H,W]) as the rows of samples ``index``, sync, log."""
+        lay = self.layout
+        index = index.cpu().long()
+        raw = maps.view(torch.int16) if maps.dtype == torch.bfloat16 else maps
+        data = np.ascontiguousarray(raw.numpy())
+        touched = set()
+        with output_errors(lay.folder, "out_dir"):
+            for r in sorted(set((index % lay.world).tolist())):
+                sel = (index % lay.world == r).nonzero().flatten()
+                rows = index[sel] // lay.world
+                fd = self._fd(r)
+                touched.add(fd)
+                if bool((rows.diff() == 1).all()):  # the usual case: one contiguous block of this shard
+                    os.pwrite(fd, data[sel.numpy()].tobytes(), int(rows[0]) * lay.row_bytes)
+                else:
+                    for k, row in zip(sel.tolist(), rows.tolist(), strict=True):
+                        os.pwrite(fd, data[k].tobytes(), int(row) * lay.row_bytes)
+            for fd in touched:
+                os.fdatasync(fd)  # the rows reach the disk before the log says they did
+            with open(self.log_path, "a") as log:
+                log.write("".join(f"{a} {b} {c}\n" for a, b, c in _runs(index)))
+                log.flush()
+                os.fsync(log.fileno())
+
+    def close(self) -> None:
+        """Close the shard files."""
+        for fd in self._fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._fds.clear()
+
+
+class AttributionWriter(pl.LightningModule):
+    """Computes one explainer's maps for a split in ``predict`` and writes them into the split's
+    shard files (each rank its own rows), skipping batches already done (resume).
+
+    ``target`` is ``"label"`` (explain the true class) or ``"predicted"``.
     """
 
-    def __init__(self, net: nn.Module, method: str, kwargs: dict[str, Any], out_dir: str | Path,
+    def __init__(self, net: nn.Module, method: str, kwargs: dict[str, Any], layout: SplitLayout,
                  target: str = "label", dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
         self.net = net
         self.explainer = create(method, net, **kwargs)
-        self.out_dir = Path(out_dir)
+        self.layout = layout
         self.target = target
         self.store_dtype = dtype
+        self._writer: ShardWriter | None = None
+        self._done: Tensor | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
+    def on_predict_start(self) -> None:
+        self._done = self.layout.done()
+        self._writer = ShardWriter(self.layout, self.global_rank, self.trainer.world_size)
+
+    def on_predict_end(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
-        index = batch["index"]
-        path = self.out_dir / shard_name(int(index[0]), int(index.numel()))
-        if path.is_file():
+        assert self._writer is not None and self._done is not None
+        index = batch["index"].cpu().long()
+        if bool(self._done[index].all()):
             return None
         target = batch["label"] if self.target == "label" else "predicted"
         attr = self.explainer.attribute(batch["image"], target).float()
         scale = attr.flatten(1).abs().amax(1).clamp_min(1e-30).view(-1, 1, 1)
-        atomic_torch_save(path, {"index": index.cpu(), "attr": (attr / scale).to(self.store_dtype).cpu()})
+        self._writer.write(index, (attr / scale).to(self.store_dtype).cpu())
         return None
-
-
-def shard_name(first: int, n: int) -> str:
-    """``shard_<first>_<n>.pt``: the first dataset index and the number of maps."""
-    return f"shard_{first:09d}_{n:06d}.pt"
 
 
 class AttributionStore:
@@ -113,107 +238,146 @@ class AttributionStore:
         """Folder of one split's shards."""
         return self.dir / split
 
+    def layout(self, split: str, n: int, size: tuple[int, int], dtype: torch.dtype) -> SplitLayout | None:
+        """The layout ``split`` was written with (None before its first write), checked against the
+        data (``n`` samples of ``size``) and the store dtype: another is a clear error naming the fix."""
+        path = self.split_dir(split) / "layout.json"
+        if not path.is_file():
+            return None
+        try:
+            rec = json.loads(path.read_text())
+            world = int(rec["world"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{path} is not a readable store layout ({err}). Delete {self.split_dir(split)} "
+                              "to recompute this split's maps.") from None
+        want = SplitLayout(self.split_dir(split), n, size, dtype, world).record()
+        if rec != want:
+            diffs = [f"{k}: stored {rec.get(k)!r}, this run {v!r}" for k, v in want.items() if rec.get(k) != v]
+            raise ConfigError(
+                f"The attribution store {self.split_dir(split)} does not match this run's data ({'; '.join(diffs)}): "
+                f"the store is from other data or another roar.store_dtype. Delete {self.dir} to recompute it, "
+                "or audit into another directory (out_dir=...).")
+        return SplitLayout(self.split_dir(split), n, size, dtype, world)
+
+    def prepare(self, split: str, n: int, size: tuple[int, int], dtype: torch.dtype, world: int) -> SplitLayout:
+        """The split's layout, creating its ``world`` shard files (full size, sparse) on the first
+        write. A store begun by another number of ranks keeps its layout (any rank can write any row)."""
+        layout = self.layout(split, n, size, dtype)
+        if layout is None:
+            layout = SplitLayout(self.split_dir(split), n, size, dtype, world)
+            with output_errors(layout.folder):
+                layout.folder.mkdir(parents=True, exist_ok=True)
+                for stale in layout.folder.glob("done_*.txt"):  # logs without a layout describe nothing
+                    stale.unlink()
+                for r, path in enumerate(layout.shards()):
+                    with open(path, "wb") as f:
+                        f.truncate(layout.rows(r) * layout.row_bytes)
+                atomic_write_json(layout.folder / "layout.json", layout.record())  # last: the files exist
+        layout.check_sizes()
+        return layout
+
     def compute(self, split_name: str, split: TensorSplit, net: nn.Module, trainer: pl.Trainer,
                 batch_size: int, target: str, dtype: torch.dtype, num_workers: int = 0) -> None:
-        """Write the missing shards of ``split`` with ``trainer.predict`` (every rank its slice)."""
+        """Write the missing rows of ``split`` with ``trainer.predict`` (every rank its own shard)."""
+        size = split.image_shape[1:]
         if trainer.is_global_zero:
             atomic_write_json(self.dir / "manifest.json", self.fingerprint)
-        writer = AttributionWriter(net, self.method, self.kwargs, self.split_dir(split_name), target, dtype)
+            self.prepare(split_name, len(split), size, dtype, trainer.world_size)
+        barrier()
+        layout = self.layout(split_name, len(split), size, dtype)
+        assert layout is not None
+        writer = AttributionWriter(net, self.method, self.kwargs, layout, target, dtype)
         data = SplitDataModule(predict=split, eval_batch_size=batch_size, num_workers=num_workers)
-        trainer.predict(writer, datamodule=data,
-                        return_predictions=False)
+        trainer.predict(writer, datamodule=data, return_predictions=False)
         barrier()
 
-    def complete(self, split: str, n: int) -> bool:
-        """Whether the shards of ``split`` cover all ``n`` samples (reads only their indices, memory-mapped)."""
-        seen = torch.zeros(n, dtype=torch.bool)
-        for path in self.split_dir(split).glob("shard_*.pt"):
-            seen[torch.load(path, map_location="cpu", weights_only=True, mmap=True)["index"]] = True
-        return bool(seen.all())
+    def complete(self, split: str, n: int, size: tuple[int, int] | None = None,
+                 dtype: torch.dtype | None = None) -> bool:
+        """Whether every one of the ``n`` samples of ``split`` is written (reads only the done logs).
 
-    def reader(self, split: str, n: int, size: tuple[int, int], dtype: torch.dtype, write: bool = True) -> MapReader:
-        """A :class:`MapReader` of the complete ``split``, writing its raw map file first when it is
-        missing and ``write`` (rank 0; other ranks wait at a barrier and then read it)."""
-        h, w = size
-        path = self.split_dir(split) / f"maps_{n}x{h}x{w}.{_RAW[dtype][1]}"
-        if write and not path.is_file():
-            seen = torch.zeros(n, dtype=torch.bool)
-            with atomic_writer(path) as f:
-                f.truncate(n * h * w * torch.empty((), dtype=dtype).element_size())
-                for _, shard in self._shards(split, n, size):
-                    attr = shard["attr"].to(dtype)
-                    raw = attr.view(torch.int16) if dtype == torch.bfloat16 else attr
-                    for i, row in zip(shard["index"].tolist(), raw.numpy(), strict=True):
-                        f.seek(i * row.nbytes)
-                        f.write(row.tobytes())
-                    seen[shard["index"]] = True
-                if not bool(seen.all()):
-                    missing = (~seen).nonzero().flatten()
-                    raise RuntimeError(f"attributions of {self.method} on {split} miss {missing.numel()} samples "
-                                       f"(first {missing[:5].tolist()}); rerun the audit to compute them.")
-        barrier()
-        return MapReader(path, n, size, dtype)
+        With ``size`` and ``dtype`` the layout is checked against them too."""
+        path = self.split_dir(split) / "layout.json"
+        if not path.is_file():
+            return False
+        if size is not None and dtype is not None:
+            layout = self.layout(split, n, size, dtype)
+        else:
+            rec = json.loads(path.read_text())
+            layout = SplitLayout(self.split_dir(split), int(rec["n"]), tuple(rec["size"]),
+                                 STORE_DTYPES[rec["dtype"]], int(rec["world"]))
+            if layout.n != n:
+                return False
+        assert layout is not None
+        return bool(layout.done().all())
 
-    def _shards(self, split: str, n: int, size: tuple[int, int]) -> Any:
-        """Each shard of ``split`` as (path, {"index", "attr"}), checked against the data's shape."""
-        for path in sorted(self.split_dir(split).glob("shard_*.pt")):
-            try:
-                shard = torch.load(path, map_location="cpu", weights_only=True)
-            except (RuntimeError, EOFError, zipfile.BadZipFile) as err:
-                raise ConfigError(f"{path} is not a readable attribution shard ({err}); it is truncated or "
-                                  "corrupt. Delete it: the rerun recomputes that shard only.") from None
-            attr, index = shard["attr"], shard["index"]
-            if tuple(attr.shape[1:]) != tuple(size) or (index.numel() and int(index.max()) >= n):
-                raise ConfigError(
-                    f"{path} holds maps {tuple(attr.shape[1:])} of samples up to {int(index.max())}, but the data has "
-                    f"{n} samples of {tuple(size)}: the store is from other data. Delete {self.dir} to recompute "
-                    "it, or audit into another directory (out_dir=...).")
-            yield path, shard
+    def reader(self, split: str, n: int, size: tuple[int, int], dtype: torch.dtype) -> MapReader:
+        """A :class:`MapReader` of the complete ``split`` (an error when rows are missing)."""
+        layout = self.layout(split, n, size, dtype)
+        if layout is None:
+            raise RuntimeError(f"attributions of {self.method} on {split} were never computed; rerun the audit "
+                               "to compute them.")
+        layout.check_sizes()
+        missing = (~layout.done()).nonzero().flatten()
+        if missing.numel():
+            raise RuntimeError(f"attributions of {self.method} on {split} miss {missing.numel()} samples "
+                               f"(first {missing[:5].tolist()}); rerun the audit to compute them.")
+        return MapReader(layout.shards(), n, size, dtype)
 
     def load(self, split: str, n: int, size: tuple[int, int], required: bool = True,
              dtype: torch.dtype = torch.float32) -> Tensor | None:
-        """The maps [n,H,W] of ``split`` assembled from the shards, in ``dtype`` (the store's own
-        float16 halves the memory of the float32 default and holds the same values).
+        """The maps [n,H,W] of ``split`` in ``dtype`` (the in-memory path; O(dataset) memory).
 
         When a sample is missing: an error if ``required``, else None (the caller computes them).
         """
-        out = torch.zeros((n, *size), dtype=dtype)
-        seen = torch.zeros(n, dtype=torch.bool)
-        for _, shard in self._shards(split, n, size):
-            out[shard["index"]] = shard["attr"].to(dtype)
-            seen[shard["index"]] = True
-        if bool(seen.all()):
-            return out
-        if not required:
+        if not required and not self.complete(split, n, size, self.store_dtype_of(split)):
             return None
-        missing = (~seen).nonzero().flatten()
-        raise RuntimeError(f"attributions of {self.method} on {split} miss {missing.numel()} samples "
-                           f"(first {missing[:5].tolist()}); rerun the audit to compute them.")
+        stored = self.store_dtype_of(split)
+        if stored is None:
+            raise RuntimeError(f"attributions of {self.method} on {split} were never computed; rerun the audit "
+                               "to compute them.")
+        reader = self.reader(split, n, size, stored)
+        out = torch.empty((n, *size), dtype=dtype)
+        for start in range(0, n, 4096):
+            out[start:start + 4096] = reader[torch.arange(start, min(start + 4096, n))].to(dtype)
+        return out
 
-
-#: how each store dtype lies on disk in the raw map file (numpy has no bfloat16: its bits as uint16)
-_RAW = {torch.float16: (np.float16, "float16"), torch.bfloat16: (np.uint16, "bfloat16"),
-        torch.float32: (np.float32, "float32")}
+    def store_dtype_of(self, split: str) -> torch.dtype | None:
+        """The dtype ``split`` was stored in (None before its first write)."""
+        path = self.split_dir(split) / "layout.json"
+        if not path.is_file():
+            return None
+        return STORE_DTYPES.get(json.loads(path.read_text()).get("dtype"), torch.float16)
 
 
 class MapReader:
-    """Rows of a split's raw map file: ``reader[index]`` → float32 [B,H,W] for dataset indices,
+    """Rows of a split's shard files: ``reader[index]`` → float32 [B,H,W] for dataset indices,
     ``reader.row(i)`` → float32 [H,W] for one.
 
-    A batch read maps the file, copies the rows out and unmaps it; a row read is one ``pread`` of
-    that row's bytes. Memory stays O(batch) however many maps a sweep reads. Picklable (it holds the
-    path; each process opens its own handle), so DDP ranks and DataLoader workers can read it.
+    ``paths`` are the W shard files (sample ``i`` is row ``i // W`` of shard ``i % W``; one file
+    is W = 1). A batch read maps each file it needs, copies the rows out and unmaps it; a row read
+    is one ``pread`` of that row's bytes. Memory stays O(batch) however many maps a sweep reads.
+    Picklable (it holds the paths; each process opens its own handles), so DDP ranks and DataLoader
+    workers can read it.
     """
 
-    def __init__(self, path: str | Path, n: int, size: tuple[int, int], dtype: torch.dtype) -> None:
-        self.path, self.n, self.size, self.dtype = Path(path), int(n), tuple(size), dtype
-        self._fd: tuple[int, int] | None = None  # (pid, file descriptor) of this process's handle
+    def __init__(self, paths: str | Path | list[Path], n: int, size: tuple[int, int], dtype: torch.dtype) -> None:
+        self.paths = [Path(paths)] if isinstance(paths, str | Path) else [Path(p) for p in paths]
+        self.n, self.size, self.dtype = int(n), (int(size[0]), int(size[1])), dtype
+        self.world = len(self.paths)
+        self._np = np.dtype(_RAW[dtype][0])
+        self.row_bytes = self.size[0] * self.size[1] * self._np.itemsize
+        self._fds: tuple[int, list[int | None]] | None = None  # (pid, one handle per file) of this process
+
+    @property
+    def path(self) -> Path:
+        """The first shard file."""
+        return self.paths[0]
 
     def __len__(self) -> int:
         return self.n
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fd": None}
+        return {**self.__dict__, "_fds": None}
 
     def _decode(self, rows: np.ndarray) -> Tensor:
         out = torch.from_numpy(rows)
@@ -221,33 +385,55 @@ class MapReader:
             out = out.view(torch.bfloat16)
         return out.float()
 
+    def _rows_in(self, r: int) -> int:
+        return len(range(r, self.n, self.world))
+
+    def _truncated(self, r: int, need_row: int) -> ConfigError:
+        return ConfigError(f"{self.paths[r]} ends before map {need_row * self.world + r}: it is truncated. "
+                           f"Delete {self.paths[r].parent} to recompute this split's maps.")
+
     def __getitem__(self, index: Tensor) -> Tensor:
         index = torch.as_tensor(index).long().cpu().flatten()
-        raw = np.memmap(self.path, dtype=_RAW[self.dtype][0], mode="r", shape=(self.n, *self.size))
-        try:
-            rows = np.array(raw[index.numpy()])
-        finally:
-            del raw
-        return self._decode(rows)
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
+            raise IndexError(f"samples {index.tolist()[:5]}... are outside the {self.n} maps of {self.path.parent}")
+        out = np.empty((index.numel(), *self.size), dtype=self._np)
+        shard = (index % self.world).numpy()
+        rows = (index // self.world).numpy()
+        for r in np.unique(shard):
+            r = int(r)
+            where = np.nonzero(shard == r)[0]
+            count = self._rows_in(r)
+            if os.path.getsize(self.paths[r]) < count * self.row_bytes:
+                raise self._truncated(r, int(os.path.getsize(self.paths[r]) // self.row_bytes))
+            raw = np.memmap(self.paths[r], dtype=self._np, mode="r", shape=(count, *self.size))
+            try:
+                out[where] = raw[rows[where]]
+            finally:
+                del raw
+        return self._decode(out)
 
     def row(self, i: int) -> Tensor:
         """One map float32 [H,W] (sample ``i``), read without mapping the file."""
         if not 0 <= int(i) < self.n:
-            raise IndexError(f"sample {i} is outside the {self.n} maps of {self.path}")
-        if self._fd is None or self._fd[0] != os.getpid():  # a forked worker opens its own handle
-            self._fd = (os.getpid(), os.open(self.path, os.O_RDONLY))
-        dtype = np.dtype(_RAW[self.dtype][0])
-        nbytes = self.size[0] * self.size[1] * dtype.itemsize
-        data = os.pread(self._fd[1], nbytes, int(i) * nbytes)
-        if len(data) != nbytes:
-            raise ConfigError(f"{self.path} ends before map {i}: it is truncated. Delete it; the rerun rebuilds it "
-                              "from the shards.")
-        return self._decode(np.frombuffer(data, dtype=dtype).reshape(self.size).copy())
+            raise IndexError(f"sample {i} is outside the {self.n} maps of {self.path.parent}")
+        if self._fds is None or self._fds[0] != os.getpid():  # a forked worker opens its own handles
+            self._fds = (os.getpid(), [None] * self.world)
+        r, k = int(i) % self.world, int(i) // self.world
+        fds = self._fds[1]
+        if fds[r] is None:
+            fds[r] = os.open(self.paths[r], os.O_RDONLY)
+        data = os.pread(fds[r], self.row_bytes, k * self.row_bytes)  # type: ignore[arg-type]
+        if len(data) != self.row_bytes:
+            raise self._truncated(r, k)
+        return self._decode(np.frombuffer(data, dtype=self._np).reshape(self.size).copy())
 
     def __del__(self) -> None:
-        if getattr(self, "_fd", None) is not None and self._fd[0] == os.getpid():
-            with contextlib.suppress(OSError):
-                os.close(self._fd[1])
+        fds = getattr(self, "_fds", None)
+        if fds is not None and fds[0] == os.getpid():
+            for fd in fds[1]:
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)
 
 
 def barrier() -> None:
