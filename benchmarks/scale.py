@@ -11,7 +11,10 @@ both splits for both methods, the baseline and two masked cells). It reports eac
 the N folder. Then, side by side in this process on the 16N train split and its stored saliency
 maps: one epoch of a plain torchvision ``ImageFolder`` ``DataLoader`` against one epoch of the
 audit's streamed retraining batches (same dataset, workers and batch size, plus keep-mask and
-crop/flip), with their ratio.
+crop/flip), with their ratio. Last, the per-image CPU costs at 224 px (store write, map read,
+keep-mask, JPEG decode) and the ImageNet ROAR projection built from them
+(``--imagenet-only`` runs just that part; ``--node-img-s`` is the one assumed figure).
+On a GPU each cell also records its peak GPU memory (``gpu_peak_mib``), reported per size.
 """
 
 from __future__ import annotations
@@ -73,14 +76,16 @@ def measured(args: list[str], cwd: Path) -> tuple[float, float]:
     return wall, usage.ru_maxrss / 1024  # Linux: KiB
 
 
-def cell_seconds(mode_dir: Path) -> float:
-    """The summed ``seconds`` of every cell in a mode's results.jsonl."""
-    lines = (mode_dir / "results.jsonl").read_text().splitlines()
-    return sum(float(json.loads(line)["seconds"]) for line in lines if line.strip())
+def cell_seconds(mode_dir: Path) -> tuple[float, float | None]:
+    """The summed ``seconds`` of every cell in a mode's results.jsonl, and the largest
+    ``gpu_peak_mib`` a cell recorded (None on a CPU run)."""
+    records = [json.loads(line) for line in (mode_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+    peaks = [float(r["gpu_peak_mib"]) for r in records if "gpu_peak_mib" in r]
+    return sum(float(r["seconds"]) for r in records), (max(peaks) if peaks else None)
 
 
 def throughput(folder: Path, audit_dir: Path, image_size: int, batch_size: int, workers: int,
-               repeats: int = 3) -> float:
+               repeats: int = 5) -> float:
     """One retraining epoch, side by side: plain ImageFolder DataLoader vs the streamed ROAR batches.
 
     Both arms read the same ImageFolder with the same workers and batch size, move each batch to the
@@ -136,14 +141,100 @@ def throughput(folder: Path, audit_dir: Path, image_size: int, batch_size: int, 
             assert count == len(dataset), (name, count)
     best = {n: min(v) for n, v in times.items()}
     ratio = best["plain"] / best["streamed"]
+    # per-repeat ratios: the two arms of one repeat ran back to back, under the same machine load
+    ratios = sorted(p / s for p, s in zip(times["plain"], times["streamed"], strict=True))
+    median = ratios[len(ratios) // 2]
     print(f"\none epoch of {len(dataset)} train images of {image_size} px on {device}, batch {batch_size}, "
           f"{workers} workers, keep-mask from {source} "
-          f"(best of {repeats}):\n  plain ImageFolder DataLoader + batch crop/flip   {best['plain']:.2f} s"
+          f"(best of {repeats}, interleaved):\n  plain ImageFolder DataLoader + batch crop/flip   {best['plain']:.2f} s"
           f"\n  streamed ROAR batches (+ keep-mask)             {best['streamed']:.2f} s"
           f"\n  ImageFolder as a user trains it (PIL flip only) {best['user']:.2f} s"
-          f"\n  → streamed throughput {ratio:.3f}× the plain loader (masking costs {100 * (1 / ratio - 1):.1f} %), "
-          f"{best['user'] / best['streamed']:.3f}× the PIL-flip loader")
+          f"\n  → streamed throughput {ratio:.3f}× the plain loader (best vs best; masking costs "
+          f"{100 * (1 / ratio - 1):.1f} %), median of the per-repeat ratios {median:.3f}× "
+          f"(range {ratios[0]:.3f}–{ratios[-1]:.3f}); {best['user'] / best['streamed']:.3f}× the PIL-flip loader",
+          flush=True)
     return ratio
+
+
+def imagenet_costs(out: Path, size: int = 224, n_maps: int = 2048, batch: int = 64) -> dict[str, float]:
+    """The per-image costs at ImageNet size that the CPU side of a ROAR cell pays, measured here on one
+    thread: writing maps into a store shard (with the per-batch sync), reading one map back (``pread``,
+    page-cached), the keep-mask selection, and decoding an ImageNet-sized JPEG with the usual
+    resize-256 / centre-crop-224 transform. ms per image (write also MB/s)."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from xaudit.roar.masking import keep_mask
+    from xaudit.roar.store import AttributionStore, ShardWriter
+
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    store = AttributionStore(out / "costs", "saliency", {}, {"benchmark": "imagenet_costs"})
+    layout = store.prepare("train", n_maps, (size, size), torch.float16, 1)
+    writer = ShardWriter(layout, 0, 1)
+    maps = torch.from_numpy(rng.random((batch, size, size), dtype=np.float32)).half()
+    start = time.perf_counter()
+    for first in range(0, n_maps, batch):
+        writer.write(torch.arange(first, first + batch), maps)
+    write_s = time.perf_counter() - start
+    writer.close()
+    reader = store.reader("train", n_maps, (size, size), torch.float16)
+    order = torch.randperm(n_maps, generator=torch.Generator().manual_seed(0)).tolist()
+    start = time.perf_counter()
+    for i in order:
+        reader.row(i)
+    read_s = time.perf_counter() - start
+    floats = maps.float()
+    keep_mask(floats, 0.5, "roar", 0)
+    start = time.perf_counter()
+    for _ in range(5):
+        keep_mask(floats, 0.5, "roar", 0)
+    mask_s = (time.perf_counter() - start) / 5
+    yy, xx = np.mgrid[:375, :500]
+    img = np.stack([np.sin(xx / 17.0 + c) * 60 + np.cos(yy / 23.0) * 50 + 128 for c in range(3)], -1)
+    img = (img + rng.normal(0, 12, img.shape)).clip(0, 255).astype(np.uint8)
+    jpeg = out / "costs" / "imagenet_like.jpg"
+    Image.fromarray(img).save(jpeg, quality=90)  # 500×375 at quality 90: an ImageNet-sized JPEG
+    transform = v2.Compose([v2.PILToTensor(), v2.Resize(256, antialias=True), v2.CenterCrop(224),
+                            v2.ToDtype(torch.float32, scale=True)])
+    start = time.perf_counter()
+    for _ in range(200):
+        with Image.open(jpeg) as im:
+            transform(im.convert("RGB"))
+    decode_s = (time.perf_counter() - start) / 200
+    mib = n_maps * size * size * 2 / 2**20
+    costs = {"write_ms": write_s / n_maps * 1e3, "write_mib_s": mib / write_s, "read_ms": read_s / n_maps * 1e3,
+             "mask_ms": mask_s / batch * 1e3, "decode_ms": decode_s * 1e3, "jpeg_kib": jpeg.stat().st_size / 1024}
+    print(f"\nper-image CPU costs at {size} px, one thread ({n_maps} float16 maps, batches of {batch}):"
+          f"\n  store write (incl. per-batch sync) {costs['write_ms']:.3f} ms ({costs['write_mib_s']:.0f} MiB/s)"
+          f"\n  map read (one pread, page-cached)   {costs['read_ms']:.3f} ms"
+          f"\n  keep-mask selection                 {costs['mask_ms']:.3f} ms"
+          f"\n  JPEG decode + resize/crop ({costs['jpeg_kib']:.0f} KiB)  {costs['decode_ms']:.3f} ms", flush=True)
+    return costs
+
+
+def imagenet_projection(costs: dict[str, float], node_img_s: float, epochs: int, nodes: int) -> None:
+    """The ImageNet ROAR sweep of the issue (ResNet-50, 3 methods × 5 fractions × 3 seeds + 3 baselines)
+    projected from the measured per-image CPU costs and an assumed training throughput per 8-GPU node."""
+    train, val = 1_281_167, 50_000
+    cells = 3 * (1 + 3 * 5)
+    store_gb = (train + val) * 224 * 224 * 2 / 1e9
+    map_kb, jpeg_kb = 224 * 224 * 2 / 1e3, 110.0  # ImageNet's train JPEGs average ≈ 110 KB
+    cpu_ms = costs["decode_ms"] + costs["read_ms"] + costs["mask_ms"]
+    train_h = cells * epochs * train / node_img_s / 3600
+    # attributions: grad_cam and saliency ≈ one forward+backward per image, integrated_gradients 50
+    attr_h = (1 + 1 + 50) * (train + val) / node_img_s / 3600
+    print(f"\nImageNet ROAR projection ({cells} cells × {epochs} epochs; ASSUMED {node_img_s:.0f} img/s per 8-GPU node):"
+          f"\n  store per method: {store_gb:.0f} GB float16 (one copy), written at "
+          f"{costs['write_ms'] * (train + val) / 3.6e6:.2f} core-hours"
+          f"\n  read bandwidth per node in a masked epoch: {node_img_s * (jpeg_kb + map_kb) / 1e6:.2f} GB/s "
+          f"({node_img_s * jpeg_kb / 1e6:.2f} images + {node_img_s * map_kb / 1e6:.2f} maps)"
+          f"\n  loader CPU per node: {cpu_ms:.2f} ms/image (decode {costs['decode_ms']:.2f}, map read "
+          f"{costs['read_ms']:.3f}, keep-mask {costs['mask_ms']:.2f}) → {node_img_s * cpu_ms / 1e3:.0f} cores busy "
+          f"(the masking alone {node_img_s * costs['mask_ms'] / 1e3:.1f})"
+          f"\n  attributions: {attr_h:.1f} node-hours; retraining: {train_h:.0f} node-hours"
+          f"\n  one 8-GPU node: {(attr_h + train_h) / 24:.1f} days; a Slurm array over {nodes} nodes: "
+          f"{(attr_h + train_h) / nodes:.1f} h", flush=True)
 
 
 def main() -> None:
@@ -157,8 +248,17 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     parser.add_argument("--throughput-only", action="store_true",
                         help="only the side-by-side epoch, on the folders and maps an earlier run left in --out")
+    parser.add_argument("--imagenet-only", action="store_true",
+                        help="only the per-image costs at 224 px and the ImageNet projection")
+    parser.add_argument("--node-img-s", type=float, default=3000.0,
+                        help="ASSUMED ResNet-50 training images/s of one 8-GPU node (put your measured figure in)")
+    parser.add_argument("--epochs", type=int, default=90, help="epochs per ROAR cell in the projection")
+    parser.add_argument("--nodes", type=int, default=16, help="nodes of the Slurm array in the projection")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="xaudit_scale_"))
+    if args.imagenet_only:
+        imagenet_projection(imagenet_costs(out), args.node_img_s, args.epochs, args.nodes)
+        return
     sizes = [int(s) for s in args.sizes.split(",")]
     if args.throughput_only:
         folder = out / f"data_{sizes[-1]}N"
@@ -192,9 +292,11 @@ def main() -> None:
         ro_wall, ro_rss = measured([*base, "audit=roar", "roar.fractions=[0.5]", "roar.epochs=1",
                                     f"out_dir={out / f'audit_{k}N'}", f"hydra.run.dir={out / f'roar_{k}N'}"], out)
         # per image: the cells' own recorded seconds (process start-up and imports excluded)
-        ev_s, ro_s = (cell_seconds(out / f"audit_{k}N" / mode) for mode in ("evaluate", "roar"))
+        (ev_s, ev_gpu), (ro_s, ro_gpu) = (cell_seconds(out / f"audit_{k}N" / mode) for mode in ("evaluate", "roar"))
         rows.append((k, n_train, n_test, ev_rss, ev_s / args.limit * 1e3, ro_rss, ro_s / (n_train + n_test) * 1e3))
-        print(f"{k}N: evaluate {ev_wall:.1f} s, peak RSS {ev_rss:.0f} MiB; roar {ro_wall:.1f} s, peak RSS {ro_rss:.0f} MiB")
+        gpu = "" if ev_gpu is None else f"; peak GPU memory evaluate {ev_gpu:.0f} MiB, roar {ro_gpu:.0f} MiB"
+        print(f"{k}N: evaluate {ev_wall:.1f} s, peak RSS {ev_rss:.0f} MiB; roar {ro_wall:.1f} s, peak RSS {ro_rss:.0f} MiB"
+              f"{gpu}", flush=True)
 
     print("\n| size | train / test images | evaluate peak RSS (MiB) | evaluate ms / image (3 cells) | "
           "ROAR peak RSS (MiB) | ROAR ms / image (3 cells, train+test) |")
@@ -206,6 +308,7 @@ def main() -> None:
 
     for workers in sorted({0, args.workers}):
         throughput(folders[sizes[-1]], out / f"audit_{sizes[-1]}N", args.image_size, args.batch_size, workers)
+    imagenet_projection(imagenet_costs(out), args.node_img_s, args.epochs, args.nodes)
     print(f"runs under {out}")
 
 

@@ -163,3 +163,23 @@ def test_attribution_store_writes_each_row_once_and_reassembles_them(tmp_path: P
         "finished rows are not recomputed"
     with pytest.raises(ConfigError, match="different setup"):
         AttributionStore(tmp_path, "saliency", {}, {"ckpt": "y"})
+
+
+@pytest.mark.parametrize("mode", ["roar", "kar"])
+def test_numpy_cut_on_the_cpu_equals_the_torch_cut_used_on_gpus(mode: str) -> None:
+    from xaudit.roar.masking import _cut
+
+    g = torch.Generator().manual_seed(3)
+    flat = torch.cat([torch.rand(20, 64, generator=g),
+                      torch.rand(20, 64, generator=g).mul(4).round(),  # heavy ties at the cut
+                      torch.zeros(4, 64)]) + 0.0  # flat rows: everything ties
+    for k in (1, 13, 32, 63):
+        kk = 64 - k if mode == "roar" else k - 1
+        a = _cut(flat, kk, k, mode == "roar", numpy=True)
+        b = _cut(flat, kk, k, mode == "roar", numpy=False)
+        for x, y in zip(a, b, strict=True):
+            assert torch.equal(x, y), k
+        beyond, eq, ties, need = a
+        assert (eq.sum(1) == ties).all()
+        assert bool(((need >= 1) & (need <= ties)).all())
+        assert (beyond.sum(1) + need).tolist() == [k] * flat.shape[0]

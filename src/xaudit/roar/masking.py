@@ -112,12 +112,7 @@ def _keep_rows(attr: Tensor, k: int, mode: str, tie_seed: int, positions: Tensor
     if k == 0:
         return torch.ones(n, p, dtype=torch.bool, device=flat.device)
     roar = mode == "roar"
-    # roar removes the k largest, kar the k smallest attributions
-    t = _order_statistic(flat, p - k if roar else k - 1)
-    removed = flat > t if roar else flat < t
-    eq = flat == t
-    ties = eq.sum(dim=1)
-    need = k - removed.sum(dim=1)  # how many of the pixels equal to t go, per row (1 ≤ need ≤ ties)
+    removed, eq, ties, need = _cut(flat, p - k if roar else k - 1, k, roar)
     removed |= eq & (need >= ties)[:, None]  # rows whose ties all go: no tie-break needed
     part = ((need > 0) & (need < ties)).nonzero().flatten()  # rows where only some of the ties go
     if part.numel():
@@ -140,16 +135,27 @@ def _keep_rows(attr: Tensor, k: int, mode: str, tie_seed: int, positions: Tensor
     return keep
 
 
-def _order_statistic(flat: Tensor, kk: int) -> Tensor:
-    """The ``kk``-th smallest value (0-based) of each row of ``flat`` [n, p], as [n, 1].
+def _cut(flat: Tensor, kk: int, k: int, roar: bool, numpy: bool | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per row of ``flat`` [n, p]: the pixels strictly beyond the cut value ``t`` (the ``kk``-th
+    smallest, 0-based) that go for sure, the pixels equal to ``t``, how many equal ``t`` (long [n]),
+    and how many of those must go to remove exactly ``k`` (long [n], 1 ≤ need ≤ ties).
 
-    On the CPU NumPy's introselect (``np.partition``), several times faster there than
-    ``torch.kthvalue``; elsewhere ``kthvalue`` on the device. Both return the same order statistic.
+    On the CPU in NumPy (introselect, and fused boolean passes), several times faster there than
+    ``torch.kthvalue`` and torch's small boolean ops; elsewhere in torch on the device. Both give the
+    same order statistic, hence the same masks (``numpy`` forces one path; tested equal).
     """
-    if flat.device.type == "cpu":
-        part = np.partition(flat.numpy(), kk, axis=1)[:, kk:kk + 1]
-        return torch.from_numpy(np.ascontiguousarray(part))
-    return flat.kthvalue(kk + 1, dim=1, keepdim=True).values
+    if flat.device.type == "cpu" if numpy is None else numpy:
+        arr = flat.numpy()
+        t = np.partition(arr, kk, axis=1)[:, kk:kk + 1]
+        beyond = np.greater(arr, t) if roar else np.less(arr, t)
+        eq = np.equal(arr, t)
+        ties, past = np.count_nonzero(eq, axis=1), np.count_nonzero(beyond, axis=1)
+        return (torch.from_numpy(beyond), torch.from_numpy(eq), torch.from_numpy(ties.astype(np.int64)),
+                torch.from_numpy((k - past).astype(np.int64)))
+    t = flat.kthvalue(kk + 1, dim=1, keepdim=True).values
+    beyond = flat > t if roar else flat < t
+    eq = flat == t
+    return beyond, eq, eq.sum(dim=1), k - beyond.sum(dim=1)
 
 
 def keep_mask(attr: Tensor, fraction: float, mode: str, tie_seed: int = 0, offset: int = 0,

@@ -40,7 +40,7 @@ from xaudit.roar.masking import MODES, keep_mask
 from xaudit.roar.results import ResultsLog
 from xaudit.roar.store import AttributionStore, method_key
 from xaudit.utils.claims import HOST, ClaimBoard
-from xaudit.utils.distributed import broadcast, is_global_zero
+from xaudit.utils.distributed import broadcast, gpu_peak, is_global_zero, reset_gpu_peak
 from xaudit.utils.errors import ConfigError
 from xaudit.utils.io import short_hash
 from xaudit.utils.progress import SweepProgress
@@ -234,6 +234,7 @@ class RoarSweep:
                 log.info("%s: resuming at epoch %d of %d (%s)", cell.label, resume_from, self.recipe.epochs,
                          self.checkpoint_path(cell))
             start = time.perf_counter()
+            reset_gpu_peak()
             keep_train, keep_test = self.keep_masks(cell)
             result = retrain(self.build_model, self.make_trainer, self.recipe, self.train, self.test,
                              keep_train, keep_test, cell.seed, checkpoint=self.checkpoint_path(cell),
@@ -242,7 +243,7 @@ class RoarSweep:
             record = {"cell": cell.key, "mode": cell.mode, "method": cell.method, "method_key": cell.method_key,
                       "fraction": cell.fraction, "seed": cell.seed, "epochs": self.recipe.epochs,
                       "seconds": round(seconds, 3), "resumed_at_epoch": resume_from, "worker": f"{HOST}:{os.getpid()}",
-                      "recipe": self.recipe_record, **result}
+                      "recipe": self.recipe_record, **result, **gpu_peak()}
             if self.is_writer:
                 self.log.append(record)
                 shutil.rmtree(self.checkpoint_path(cell).parent, ignore_errors=True)

@@ -238,26 +238,34 @@ class AttributionStore:
         """Folder of one split's shards."""
         return self.dir / split
 
-    def layout(self, split: str, n: int, size: tuple[int, int], dtype: torch.dtype) -> SplitLayout | None:
-        """The layout ``split`` was written with (None before its first write), checked against the
-        data (``n`` samples of ``size``) and the store dtype: another is a clear error naming the fix."""
+    def _record(self, split: str) -> dict[str, Any] | None:
+        """``layout.json`` of ``split`` (None before its first write); unreadable is a clear error."""
         path = self.split_dir(split) / "layout.json"
         if not path.is_file():
             return None
         try:
             rec = json.loads(path.read_text())
-            world = int(rec["world"])
+            int(rec["n"]), int(rec["world"]), STORE_DTYPES[rec["dtype"]], [int(v) for v in rec["size"]]
         except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"{path} is not a readable store layout ({err}). Delete {self.split_dir(split)} "
+            raise ConfigError(f"{path} is not a readable store layout ({err!r}). Delete {self.split_dir(split)} "
                               "to recompute this split's maps.") from None
-        want = SplitLayout(self.split_dir(split), n, size, dtype, world).record()
+        return rec
+
+    def layout(self, split: str, n: int, size: tuple[int, int], dtype: torch.dtype) -> SplitLayout | None:
+        """The layout ``split`` was written with (None before its first write), checked against the
+        data (``n`` samples of ``size``) and the store dtype: another is a clear error naming the fix."""
+        rec = self._record(split)
+        if rec is None:
+            return None
+        layout = SplitLayout(self.split_dir(split), n, size, dtype, int(rec["world"]))
+        want = layout.record()
         if rec != want:
             diffs = [f"{k}: stored {rec.get(k)!r}, this run {v!r}" for k, v in want.items() if rec.get(k) != v]
             raise ConfigError(
                 f"The attribution store {self.split_dir(split)} does not match this run's data ({'; '.join(diffs)}): "
                 f"the store is from other data or another roar.store_dtype. Delete {self.dir} to recompute it, "
                 "or audit into another directory (out_dir=...).")
-        return SplitLayout(self.split_dir(split), n, size, dtype, world)
+        return layout
 
     def prepare(self, split: str, n: int, size: tuple[int, int], dtype: torch.dtype, world: int) -> SplitLayout:
         """The split's layout, creating its ``world`` shard files (full size, sparse) on the first
@@ -295,18 +303,18 @@ class AttributionStore:
                  dtype: torch.dtype | None = None) -> bool:
         """Whether every one of the ``n`` samples of ``split`` is written (reads only the done logs).
 
-        With ``size`` and ``dtype`` the layout is checked against them too."""
-        path = self.split_dir(split) / "layout.json"
-        if not path.is_file():
+        With ``size`` and ``dtype`` the layout is checked against them too (a mismatch is an error);
+        without, a store of another sample count is simply not complete (its writer then refuses it)."""
+        rec = self._record(split)
+        if rec is None:
             return False
         if size is not None and dtype is not None:
             layout = self.layout(split, n, size, dtype)
+        elif int(rec["n"]) != n:
+            return False
         else:
-            rec = json.loads(path.read_text())
-            layout = SplitLayout(self.split_dir(split), int(rec["n"]), tuple(rec["size"]),
-                                 STORE_DTYPES[rec["dtype"]], int(rec["world"]))
-            if layout.n != n:
-                return False
+            layout = SplitLayout(self.split_dir(split), n, tuple(rec["size"]), STORE_DTYPES[rec["dtype"]],
+                                 int(rec["world"]))
         assert layout is not None
         return bool(layout.done().all())
 
@@ -343,10 +351,8 @@ class AttributionStore:
 
     def store_dtype_of(self, split: str) -> torch.dtype | None:
         """The dtype ``split`` was stored in (None before its first write)."""
-        path = self.split_dir(split) / "layout.json"
-        if not path.is_file():
-            return None
-        return STORE_DTYPES.get(json.loads(path.read_text()).get("dtype"), torch.float16)
+        rec = self._record(split)
+        return None if rec is None else STORE_DTYPES[rec["dtype"]]
 
 
 class MapReader:
@@ -354,8 +360,9 @@ class MapReader:
     ``reader.row(i)`` → float32 [H,W] for one.
 
     ``paths`` are the W shard files (sample ``i`` is row ``i // W`` of shard ``i % W``; one file
-    is W = 1). A batch read maps each file it needs, copies the rows out and unmaps it; a row read
-    is one ``pread`` of that row's bytes. Memory stays O(batch) however many maps a sweep reads.
+    is W = 1). Every map is one ``pread`` of its bytes straight into the batch's buffer: no memory
+    map (whose touched pages would count in the process' RSS), nothing of the file kept, so memory
+    stays O(batch) however many maps a sweep reads; a short read is a clear "truncated" error.
     Picklable (it holds the paths; each process opens its own handles), so DDP ranks and DataLoader
     workers can read it.
     """
@@ -385,47 +392,35 @@ class MapReader:
             out = out.view(torch.bfloat16)
         return out.float()
 
-    def _rows_in(self, r: int) -> int:
-        return len(range(r, self.n, self.world))
-
     def _truncated(self, r: int, need_row: int) -> ConfigError:
         return ConfigError(f"{self.paths[r]} ends before map {need_row * self.world + r}: it is truncated. "
                            f"Delete {self.paths[r].parent} to recompute this split's maps.")
+
+    def _fd(self, r: int) -> int:
+        """This process' read handle of shard ``r`` (a forked or spawned worker opens its own)."""
+        if self._fds is None or self._fds[0] != os.getpid():
+            self._fds = (os.getpid(), [None] * self.world)
+        fds = self._fds[1]
+        if fds[r] is None:
+            fds[r] = os.open(self.paths[r], os.O_RDONLY)
+        return fds[r]  # type: ignore[return-value]
 
     def __getitem__(self, index: Tensor) -> Tensor:
         index = torch.as_tensor(index).long().cpu().flatten()
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= self.n):
             raise IndexError(f"samples {index.tolist()[:5]}... are outside the {self.n} maps of {self.path.parent}")
-        out = np.empty((index.numel(), *self.size), dtype=self._np)
-        shard = (index % self.world).numpy()
-        rows = (index // self.world).numpy()
-        for r in np.unique(shard):
-            r = int(r)
-            where = np.nonzero(shard == r)[0]
-            count = self._rows_in(r)
-            if os.path.getsize(self.paths[r]) < count * self.row_bytes:
-                raise self._truncated(r, int(os.path.getsize(self.paths[r]) // self.row_bytes))
-            raw = np.memmap(self.paths[r], dtype=self._np, mode="r", shape=(count, *self.size))
-            try:
-                out[where] = raw[rows[where]]
-            finally:
-                del raw
-        return self._decode(out)
+        out = np.empty((index.numel(), self.row_bytes), dtype=np.uint8)
+        # one pread per map straight into the batch buffer: no mapping, nothing of the file kept
+        for j, (r, k) in enumerate(zip((index % self.world).tolist(), (index // self.world).tolist(), strict=True)):
+            if os.preadv(self._fd(r), [out[j]], k * self.row_bytes) != self.row_bytes:
+                raise self._truncated(r, k)
+        return self._decode(out.view(self._np).reshape(index.numel(), *self.size))
 
     def row(self, i: int) -> Tensor:
-        """One map float32 [H,W] (sample ``i``), read without mapping the file."""
+        """One map float32 [H,W] (sample ``i``)."""
         if not 0 <= int(i) < self.n:
             raise IndexError(f"sample {i} is outside the {self.n} maps of {self.path.parent}")
-        if self._fds is None or self._fds[0] != os.getpid():  # a forked worker opens its own handles
-            self._fds = (os.getpid(), [None] * self.world)
-        r, k = int(i) % self.world, int(i) // self.world
-        fds = self._fds[1]
-        if fds[r] is None:
-            fds[r] = os.open(self.paths[r], os.O_RDONLY)
-        data = os.pread(fds[r], self.row_bytes, k * self.row_bytes)  # type: ignore[arg-type]
-        if len(data) != self.row_bytes:
-            raise self._truncated(r, k)
-        return self._decode(np.frombuffer(data, dtype=self._np).reshape(self.size).copy())
+        return self[torch.tensor([int(i)])][0]
 
     def __del__(self) -> None:
         fds = getattr(self, "_fds", None)

@@ -50,7 +50,14 @@ from xaudit.tasks.common import (
     resolve_last_checkpoint,
     seed,
 )
-from xaudit.utils.distributed import broadcast, compute_device, init_distributed, is_global_zero
+from xaudit.utils.distributed import (
+    broadcast,
+    compute_device,
+    gpu_peak,
+    init_distributed,
+    is_global_zero,
+    reset_gpu_peak,
+)
 from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.io import check_writable, file_sha256
 from xaudit.utils.progress import SweepProgress, quiet_lightning
@@ -303,18 +310,20 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
     progress = SweepProgress(len(keys), sum(k in done for k in keys), "evaluate", enabled=_is_writer())
     if keys[0] not in done:
         start = time.perf_counter()
+        reset_gpu_peak()
         trainer = make_trainer("test")
         res = trainer.test(classifier, datamodule=data, verbose=False)[0]
         record = {"cell": keys[0], "mode": "evaluate", "method": "model", "method_key": "model",
                   "test_acc": float(res["test/acc"]), "test_loss": float(res["test/loss"]),
                   "count": int(res["test/count"]), "world_size": trainer.world_size,
-                  "seconds": round(time.perf_counter() - start, 3)}
+                  "seconds": round(time.perf_counter() - start, 3), **gpu_peak()}
         _append(results, record)
         progress.advance("checkpoint accuracy", f"test acc {record['test_acc']:.4f}", record["seconds"])
     for key, (name, kw) in zip(keys[1:], methods.items()):
         if key in done:
             continue
         start = time.perf_counter()
+        reset_gpu_peak()
         mkey = method_key(name, kw)
         curves_path = mode_dir / "curves" / f"{mkey}.pt"
         module = ExplainerEvaluation(classifier.net, name, kw, specs, target, curves_path)
@@ -327,7 +336,7 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
         record = {"cell": key, "mode": "evaluate", "method": name, "method_key": mkey, "kwargs": kw,
                   "metrics": {k: float(res[f"eval/{k}"]) for k in specs}, "higher_is_better": higher,
                   "count": int(res["eval/count"]), "world_size": trainer.world_size,
-                  "seconds": round(time.perf_counter() - start, 3), "curves": curves}
+                  "seconds": round(time.perf_counter() - start, 3), "curves": curves, **gpu_peak()}
         _append(results, record)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].items())
         progress.advance(mkey, shown, record["seconds"])

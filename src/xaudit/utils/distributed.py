@@ -83,3 +83,18 @@ def barrier() -> None:
     """Wait for every rank when a process group is up."""
     if group_ready():
         torch.distributed.barrier()
+
+
+def reset_gpu_peak() -> None:
+    """Start a new peak-memory measurement on this process' CUDA device (no-op without CUDA)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def gpu_peak() -> dict[str, float]:
+    """``{"gpu_peak_mib": ...}``: the most CUDA memory this process allocated since
+    :func:`reset_gpu_peak`, for a cell's record; empty where this process never used CUDA (CPU
+    runs, or the main process of ``ddp_spawn``, whose workers hold the GPUs)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"gpu_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
+    return {}
