@@ -122,8 +122,10 @@ def throughput(folder: Path, audit_dir: Path, image_size: int, batch_size: int, 
         return count
 
     def streamed() -> int:
+        # fill: the per-channel value the audit gives removed pixels of an ImageFolder (roar.fill=auto)
         batches = StreamBatches(split, batch_size, train=True, augment=True, num_workers=workers, pin_memory=pin,
-                                device=device, keep=MapKeep(reader, 0.5, "roar", 0, 0))
+                                device=device, keep=MapKeep(reader, 0.5, "roar", 0, 0),
+                                fill=torch.zeros(split.image_shape[0]))
         return sum(int(b["image"].shape[0]) for b in batches)
 
     arms = {"plain": lambda: loader_epoch(dataset, True), "streamed": streamed,

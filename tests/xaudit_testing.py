@@ -148,7 +148,7 @@ def assert_store_resumed(attr_root: Path, reference_root: Path, logged: dict[Pat
         count = torch.zeros(n, dtype=torch.long)
         for log in layout.parent.glob("done_*.txt"):
             for line in log.read_text().splitlines():
-                a, b, c = (int(v) for v in line.split())
+                a, b, c = (int(v) for v in line.partition("|")[0].split())
                 count[a:b:c] += 1
         assert count.tolist() == [1] * n, f"{layout.parent}: a sample was written twice or never"
     files = sorted(p.relative_to(attr_root) for p in attr_root.glob("*/*/maps_*"))

@@ -132,3 +132,24 @@ def test_maps_smaller_than_the_ssim_window(linear_scorer):
     assert m.layer_scores("ssim").isnan().all() and not m.layer_scores("spearman").isnan().any()
     with pytest.raises(ValueError, match="similarity='ssim' needs maps of at least 7x7 pixels"):
         SanityCheck(model, explainer="saliency", similarity="ssim").update(x, attr, y)
+
+
+def test_evaluate_re_explains_with_the_method_it_evaluates() -> None:
+    """Inside evaluate, sanity_check compares the evaluated method's map with the *same* method's
+    map on the randomised model; an explainer named in its spec is kept."""
+    from xaudit.metrics.evaluator import ExplainerEvaluation
+    from xaudit.models.backbones import build_backbone
+
+    torch.manual_seed(0)
+    net = build_backbone("small_cnn", num_classes=3, width=4).eval()
+    x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    spec = {"name": "sanity_check", "layers": ["fc"], "similarity": "spearman"}
+    ev = ExplainerEvaluation(net, "grad_cam", {}, {"own": spec, "named": {**spec, "explainer": "saliency"}})
+    assert ev.metrics["own"].explainer == "grad_cam" and ev.metrics["named"].explainer == "saliency"
+    ev.test_step({"image": x, "label": y}, 0)
+    direct = SanityCheck(net, explainer="grad_cam", layers=["fc"])
+    direct.update(x, create("grad_cam", net).attribute(x, y), y)
+    torch.testing.assert_close(ev.metrics["own"].compute(), direct.compute())
+    # grad_cam's map against saliency's on the randomised model: the mismatch evaluate used to report
+    assert not torch.allclose(ev.metrics["named"].compute(), direct.compute())

@@ -99,6 +99,11 @@ def test_train_batches_pad_ranks_equally_and_mask_with_the_channel_mean() -> Non
     a = [b["index"].tolist() for b in DeviceBatches(split, 4, train=True, seed=3)]
     b2 = [b["index"].tolist() for b in DeviceBatches(split, 4, train=True, seed=3)]
     assert a == b2  # seeded order
+    fill = torch.tensor([0.5, -1.0, 2.0])  # a computed training mean, in normalised units
+    plain = list(DeviceBatches(split, 4, keep=None))
+    for b, p in zip(DeviceBatches(split, 4, keep=keep, fill=fill), plain, strict=True):
+        assert bool((b["image"][:, :, :3] == fill.view(1, 3, 1, 1)).all())
+        assert torch.equal(b["image"][:, :, 3:], p["image"][:, :, 3:])  # kept pixels untouched
 
 
 def test_batch_augmentation_is_a_crop_of_the_reflect_padded_image() -> None:
@@ -151,9 +156,13 @@ def test_attribution_store_writes_each_row_once_and_reassembles_them(tmp_path: P
     assert sorted(p.name for p in folder.iterdir()) == ["done_r0000of0001.txt", "layout.json", shard.name]
     assert shard.stat().st_size == 10 * 16 * 16 * 2
     log = (folder / "done_r0000of0001.txt").read_text()
-    assert log == "0 4 1\n4 8 1\n8 10 1\n"  # one line per finished batch of 4
-    attr = store.load("test", 10, (16, 16))
+    # one line per finished batch of 4, with its images' per-channel sums (the ROAR fill, for free)
+    assert [line.split(" | ")[0] for line in log.splitlines()] == ["0 4 1", "4 8 1", "8 10 1"]
     x = split.normalise(split.images)
+    layout = store.layout("test", 10, (16, 16), torch.float16)
+    assert layout is not None
+    torch.testing.assert_close(layout.channel_mean(), x.double().mean(dim=(0, 2, 3)).float(), rtol=0, atol=1e-6)
+    attr = store.load("test", 10, (16, 16))
     ref = create("saliency", net).attribute(x, split.labels)
     ref = ref / ref.flatten(1).abs().amax(1).view(-1, 1, 1)
     torch.testing.assert_close(attr, ref, atol=1e-3, rtol=1e-3)  # float16 storage: ~3 decimal digits

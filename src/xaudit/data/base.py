@@ -137,6 +137,9 @@ class XAuditDataModule(pl.LightningDataModule):
     std: tuple[float, ...]
     class_names: list[str]
     has_masks: bool = False
+    #: whether ``mean`` is the training split's own per-channel mean (shapes: computed; CIFAR-10: its
+    #: published train-set mean): ROAR's fill ``auto`` then uses it as it is (0 in normalised units)
+    mean_is_train_mean: bool = False
 
     def __init__(self, batch_size: int = 128, eval_batch_size: int | None = None, num_workers: int | str = 0,
                  seed: int = 0) -> None:

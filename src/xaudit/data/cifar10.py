@@ -68,6 +68,8 @@ class CIFAR10DataModule(XAuditDataModule):
     network). Train images get the standard crop+flip augmentation.
     """
 
+    mean_is_train_mean = True  # CIFAR10_MEAN is the published mean of the 50 000 train images
+
     def __init__(self, data_dir: str = "data", download: bool = False, val_size: int = 5000,
                  augment: bool = True, batch_size: int = 128, eval_batch_size: int | None = None,
                  num_workers: int | str = 0, seed: int = 0) -> None:

@@ -158,6 +158,7 @@ class ShapesDataModule(XAuditDataModule):
     """
 
     has_masks = True
+    mean_is_train_mean = True  # computed from the train split's images
 
     def __init__(
         self,

@@ -9,6 +9,7 @@ the mean deletion/insertion curves are written by rank 0 to ``curves_path`` for 
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 from typing import Any
@@ -41,8 +42,15 @@ def needs_mask(spec: dict[str, Any]) -> bool:
     return "mask" in metric_class(str(spec["name"])).update_inputs
 
 
-def build_metrics(specs: dict[str, dict[str, Any]], net: nn.Module) -> dict[str, XAuditMetric]:
-    """``{label: {name: <registered metric>, **kwargs}}`` → metric instances (model given where needed)."""
+def build_metrics(specs: dict[str, dict[str, Any]], net: nn.Module, method: str | None = None,
+                  method_kwargs: dict[str, Any] | None = None) -> dict[str, XAuditMetric]:
+    """``{label: {name: <registered metric>, **kwargs}}`` → metric instances (model given where needed).
+
+    A metric that re-explains with an explainer of its own (``sanity_check``: it randomises the
+    model and explains again) is given the evaluated ``method`` and ``method_kwargs`` unless its
+    spec names an explainer: it must compare the method's map with the *same* method's map on the
+    randomised model (Adebayo et al.), not with another method's.
+    """
     out: dict[str, XAuditMetric] = {}
     for label, spec in specs.items():
         if not isinstance(spec, dict) or "name" not in spec:
@@ -53,6 +61,9 @@ def build_metrics(specs: dict[str, dict[str, Any]], net: nn.Module) -> dict[str,
         cls = metric_class(str(spec["name"]))
         if "x" in cls.update_inputs:
             kwargs["model"] = net
+        if method is not None and "explainer" not in kwargs and "explainer" in inspect.signature(cls).parameters:
+            kwargs["explainer"] = method
+            kwargs.setdefault("explainer_kwargs", dict(method_kwargs or {}))
         try:
             out[label] = create_metric(str(spec["name"]), **kwargs)
         except TypeError as err:
@@ -69,7 +80,7 @@ class ExplainerEvaluation(pl.LightningModule):
         self.net = net.eval()
         self.method = method
         self.explainer = create(method, self.net, **kwargs)
-        self.metrics = nn.ModuleDict(build_metrics(metrics, self.net))
+        self.metrics = nn.ModuleDict(build_metrics(metrics, self.net, method, kwargs))
         self.target = check_target_mode(target)
         self.curves_path = None if curves_path is None else str(curves_path)
         self.seen = SumMetric()

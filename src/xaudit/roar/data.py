@@ -3,8 +3,9 @@
 The fast path of the audit: a split is materialised once (uint8 images where the datamodule has
 them, the normalisation applied per batch), moved to the device once, and batches are index
 gathers — no ``DataLoader`` workers, no per-item Python. ROAR/KAR masks are a boolean ``keep``
-tensor applied per batch: removed pixels become 0 in normalised units, i.e. exactly the
-per-channel dataset mean (Hooker et al., 2019). Augmentation (reflect-pad crop + flip) runs on
+tensor applied per batch: removed pixels take the training split's per-channel mean (Hooker et
+al., 2019) — ``fill``, in normalised units, or 0 (the normalisation's mean) where the data is
+normalised by its own training mean. Augmentation (reflect-pad crop + flip) runs on
 the batch, after masking, so image and mask move together.
 
 Under DDP every rank serves its own slice: training shards are padded by wrapping (every rank
@@ -224,7 +225,8 @@ def augment_batch(x: Tensor, generator: torch.Generator, pad: int = 4) -> Tensor
 class DeviceBatches:
     """An iterable of batch dicts over a :class:`TensorSplit` held on ``device``.
 
-    ``keep`` (bool [N,H,W]) zeroes the removed pixels after normalisation. ``train=True``
+    ``keep`` (bool [N,H,W]) replaces the removed pixels after normalisation by ``fill`` (float [C],
+    normalised units; None: 0, the normalisation's mean). ``train=True``
     shuffles with a generator seeded by ``seed`` and the epoch (so a rerun sees the same order),
     pads the rank shards to equal length and augments when ``augment``; ``train=False`` keeps
     dataset order and shards without padding. Batches carry ``index`` (position in the split).
@@ -235,8 +237,10 @@ class DeviceBatches:
     def __init__(self, split: TensorSplit, batch_size: int, *, train: bool = False,
                  keep: Tensor | KeepFn | None = None,
                  augment: bool = False, seed: int = 0, device: torch.device | str = "cpu", rank: int = 0,
-                 world: int = 1, channels_last: bool = False, epoch_of: Callable[[], int] | None = None) -> None:
+                 world: int = 1, channels_last: bool = False, epoch_of: Callable[[], int] | None = None,
+                 fill: Tensor | None = None) -> None:
         self.device = torch.device(device)
+        self.fill = None if fill is None else torch.as_tensor(fill, dtype=torch.float32).to(self.device).view(1, -1, 1, 1)
         self.images = split.images.to(self.device)
         self.labels = split.labels.to(self.device)
         self.masks = None if split.masks is None else split.masks.to(self.device)
@@ -272,7 +276,8 @@ class DeviceBatches:
         if keep is None and self.keep is not None:
             keep = self.keep(sel) if callable(self.keep) else self.keep[sel]
         if keep is not None:
-            x = x * keep.to(x.device)[:, None]
+            keep = keep.to(x.device)[:, None]
+            x = x * keep if self.fill is None else torch.where(keep, x, self.fill.to(x.dtype))
         if self.train and self.augment:
             x = augment_batch(x, g)
         if self.channels_last:
@@ -389,8 +394,10 @@ class SplitDataModule(pl.LightningDataModule):
     def __init__(self, *, train: TensorSplit | None = None, test: TensorSplit | None = None,
                  predict: TensorSplit | None = None, batch_size: int = 128, eval_batch_size: int | None = None,
                  keep_train: Tensor | KeepFn | None = None, keep_test: Tensor | KeepFn | None = None,
-                 augment: bool = False, seed: int = 0, channels_last: bool = False, num_workers: int = 0) -> None:
+                 augment: bool = False, seed: int = 0, channels_last: bool = False, num_workers: int = 0,
+                 fill: Tensor | None = None) -> None:
         super().__init__()
+        self.fill = fill
         self.train_split, self.test_split, self.predict_split = train, test, predict
         self.keep_train, self.keep_test = keep_train, keep_test
         self.batch_size = int(batch_size)
@@ -406,6 +413,7 @@ class SplitDataModule(pl.LightningDataModule):
         world, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         kwargs: dict = {"train": train, "keep": keep, "augment": self.augment and train, "seed": self.seed,
                         "device": device, "rank": rank, "world": world, "channels_last": self.channels_last,
+                        "fill": self.fill,
                         "epoch_of": (lambda: trainer.current_epoch) if trainer is not None and train else None}
         size = self.batch_size if train else self.eval_batch_size
         if split.streamed:

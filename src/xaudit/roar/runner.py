@@ -48,6 +48,16 @@ from xaudit.utils.progress import SweepProgress
 log = logging.getLogger("xaudit")
 BASELINE = "baseline"
 _WAIT = "__wait__"
+#: what removed pixels become: the training split's per-channel mean (Hooker et al.), or the
+#: normalisation's mean (0 in normalised units; the same where the data is normalised by its own mean)
+FILLS: tuple[str, ...] = ("train_mean", "normalisation")
+
+
+def check_fill(fill: str) -> str:
+    """``roar.fill`` (resolved: ``train_mean`` or ``normalisation``)."""
+    if fill not in FILLS:
+        raise ConfigError(f"roar.fill={fill!r} is unknown; choose one of {['auto', *FILLS]}.")
+    return fill
 
 
 @dataclass(frozen=True)
@@ -148,10 +158,13 @@ def checkpoint_epoch(path: str | Path) -> int:
 def retrain(build_model: Callable[[], pl.LightningModule], make_trainer: Callable[..., pl.Trainer],
             recipe: Recipe, train: TensorSplit, test: TensorSplit, keep_train: Tensor | KeepFn | None,
             keep_test: Tensor | KeepFn | None, seed: int, checkpoint: str | Path | None = None,
-            callbacks: Sequence[pl.Callback] = (), num_workers: int = 0) -> dict[str, Any]:
+            callbacks: Sequence[pl.Callback] = (), num_workers: int = 0,
+            fill: Tensor | None = None) -> dict[str, Any]:
     """Train a fresh model on the (masked) train split, test it on the (masked) test split.
 
     With ``checkpoint``, the fit saves it after every epoch and resumes from it when it exists.
+    ``fill``: per-channel value [C] (normalised units) of the removed pixels; None: 0, the
+    normalisation's mean.
     """
     pl.seed_everything(int(seed), workers=True, verbose=False)
     model = build_model()
@@ -160,7 +173,7 @@ def retrain(build_model: Callable[[], pl.LightningModule], make_trainer: Callabl
     data = SplitDataModule(train=train, test=test, batch_size=recipe.batch_size,
                            eval_batch_size=recipe.eval_batch_size, keep_train=keep_train, keep_test=keep_test,
                            augment=recipe.augment, seed=int(seed), channels_last=recipe.channels_last,
-                           num_workers=num_workers)
+                           num_workers=num_workers, fill=fill)
     extra = ([EpochCheckpoint(checkpoint)] if checkpoint is not None else []) + list(callbacks)
     trainer = make_trainer("fit", max_epochs=recipe.epochs, callbacks=extra)
     resume = str(checkpoint) if checkpoint is not None and Path(checkpoint).is_file() else None
@@ -190,7 +203,8 @@ class RoarSweep:
                  log: ResultsLog, store_root: str, store_fingerprint: dict[str, Any], attr_batch_size: int,
                  target: str = "label", store_dtype: torch.dtype = torch.float16, tie_seed: int = 0,
                  is_writer: bool | None = None, claim_stale_s: float = 300.0, claim_heartbeat_s: float = 15.0,
-                 poll_s: float = 5.0, recipe_record: dict[str, Any] | None = None, num_workers: int = 0) -> None:
+                 poll_s: float = 5.0, recipe_record: dict[str, Any] | None = None, num_workers: int = 0,
+                 fill: str = "train_mean") -> None:
         self.mode, self.methods = mode, {k: dict(v) for k, v in methods.items()}
         self.cells = sweep_cells(mode, self.methods, fractions, seeds)
         self.recipe, self.train, self.test, self.net = recipe, train, test, net
@@ -205,6 +219,7 @@ class RoarSweep:
         self.poll_s = float(poll_s)
         self.recipe_record = dict(recipe_record or {})
         self.num_workers = int(num_workers)  # loader workers of a streamed split
+        self.fill = check_fill(fill)
         self._masks: dict[tuple[str, float], tuple[Tensor | KeepFn, Tensor | KeepFn]] = {}
 
     def pending(self, done: dict[str, Any]) -> list[Cell]:
@@ -236,9 +251,12 @@ class RoarSweep:
             start = time.perf_counter()
             reset_gpu_peak()
             keep_train, keep_test = self.keep_masks(cell)
+            fill = self.fill_value(cell)
             result = retrain(self.build_model, self.make_trainer, self.recipe, self.train, self.test,
                              keep_train, keep_test, cell.seed, checkpoint=self.checkpoint_path(cell),
-                             num_workers=self.num_workers)
+                             num_workers=self.num_workers, fill=fill)
+            if fill is not None:
+                result["fill"] = [round(float(v), 6) for v in fill]
             seconds = time.perf_counter() - start
             record = {"cell": cell.key, "mode": cell.mode, "method": cell.method, "method_key": cell.method_key,
                       "fraction": cell.fraction, "seed": cell.seed, "epochs": self.recipe.epochs,
@@ -316,6 +334,21 @@ class RoarSweep:
                                               num_workers=self.num_workers)
 
         self._claimed(names, self.attr_claims, finished, work)
+
+    def fill_value(self, cell: Cell) -> Tensor | None:
+        """The value [C] (normalised units) the cell's removed pixels take: the training split's
+        per-channel mean, summed while its attributions were written (no extra pass over the data);
+        None for the baseline and for ``fill=normalisation`` (0, the normalisation's mean)."""
+        if cell.method == BASELINE or self.fill == "normalisation":
+            return None
+        mean = self.stores[cell.method].channel_mean("train", len(self.train), self.train.image_shape[1:],
+                                                     self.store_dtype)
+        if mean is None:
+            raise ConfigError(
+                f"The attribution store of {cell.method} ({self.stores[cell.method].split_dir('train')}) holds no "
+                "channel sums for the ROAR fill (it was written by an older xaudit). Delete it to recompute it, "
+                "or pass roar.fill=normalisation to fill with the normalisation's mean.")
+        return mean
 
     def keep_masks(self, cell: Cell) -> tuple[Tensor | KeepFn | None, Tensor | KeepFn | None]:
         """(train, test) keep masks of a cell; the last method/fraction pair is cached."""

@@ -95,23 +95,51 @@ class SplitLayout:
                 raise ConfigError(f"Attribution shard {path} {what}. Delete {self.folder} to recompute this "
                                   "split's maps.")
 
-    def done(self) -> Tensor:
-        """bool [n]: the samples some writer's ``done`` log records as written."""
+    def scan(self) -> tuple[Tensor, Tensor | None, int]:
+        """What the ``done`` logs record: bool [n] of the samples written, the per-channel sums of
+        their images (float64 [C], None if no line carries them) and how many samples those cover.
+
+        Only complete lines count (a line is complete once its newline is written): a line cut short
+        by a kill names nothing, so its batch is recomputed."""
         seen = torch.zeros(self.n, dtype=torch.bool)
+        sums: Tensor | None = None
+        covered = 0
         for log in self.folder.glob("done_*.txt"):
-            for line in log.read_text(errors="replace").splitlines():
-                parts = line.split()
+            for line in log.read_text(errors="replace").split("\n")[:-1]:
+                head, _, tail = line.partition("|")
+                parts = head.split()
                 if len(parts) != 3 or not all(p.lstrip("-").isdigit() for p in parts):
-                    continue  # a line cut short by a kill: its batch is recomputed
+                    continue
                 start, stop, step = (int(p) for p in parts)
                 if step <= 0 or start < 0 or stop > self.n:
                     continue
                 seen[start:stop:step] = True
-        return seen
+                try:
+                    values = torch.tensor([float(v) for v in tail.split()], dtype=torch.float64)
+                except ValueError:
+                    continue
+                if values.numel() and (sums is None or sums.shape == values.shape):
+                    sums = values if sums is None else sums + values
+                    covered += len(range(start, stop, step))
+        return seen, sums, covered
+
+    def done(self) -> Tensor:
+        """bool [n]: the samples some writer's ``done`` log records as written."""
+        return self.scan()[0]
+
+    def channel_mean(self) -> Tensor | None:
+        """Per-channel mean float32 [C] of the split's images (in the units the explainer saw:
+        normalised), from the sums the writers logged; None until every sample is written with its
+        sums (each sample is logged exactly once, so nothing is counted twice)."""
+        seen, sums, covered = self.scan()
+        if sums is None or not bool(seen.all()) or covered != self.n:
+            return None
+        return (sums / (self.n * self.size[0] * self.size[1])).float()
 
 
-def _runs(index: Tensor) -> list[tuple[int, int, int]]:
-    """``index`` (long [B]) as maximal arithmetic runs ``(start, stop, step)`` for the done log."""
+def _runs(index: Tensor) -> list[tuple[int, int, int, int, int]]:
+    """``index`` (long [B]) as maximal arithmetic runs for the done log: ``(start, stop, step, i, j)``,
+    the run being ``index[i:j]`` = ``range(start, stop, step)``."""
     idx = index.tolist()
     out, i = [], 0
     while i < len(idx):
@@ -119,7 +147,7 @@ def _runs(index: Tensor) -> list[tuple[int, int, int]]:
         j = i + 1
         while j < len(idx) and idx[j] - idx[j - 1] == step:
             j += 1
-        out.append((idx[i], idx[j - 1] + 1, step))  # stop: one past the last sample
+        out.append((idx[i], idx[j - 1] + 1, step, i, j))  # stop: one past the last sample
         i = j
     return out
 
@@ -138,8 +166,11 @@ class ShardWriter:
             self._fds[r] = os.open(self.layout.shard(r), os.O_RDWR)
         return self._fds[r]
 
-    def write(self, index: Tensor, maps: Tensor) -> None:
-        """Write ``maps`` (store dtype, CPU, [B,H,W]) as the rows of samples ``index``, sync, log."""
+    def write(self, index: Tensor, maps: Tensor, sums: Tensor | None = None) -> None:
+        """Write ``maps`` (store dtype, CPU, [B,H,W]) as the rows of samples ``index``, sync, log.
+
+        ``sums``: float64 [B,C], each sample's per-channel pixel sum, logged with the batch (the
+        split's channel mean — the ROAR fill — then costs no extra pass over the data)."""
         lay = self.layout
         index = index.cpu().long()
         raw = maps.view(torch.int16) if maps.dtype == torch.bfloat16 else maps
@@ -159,7 +190,11 @@ class ShardWriter:
             for fd in touched:
                 os.fdatasync(fd)  # the rows reach the disk before the log says they did
             with open(self.log_path, "a") as log:
-                log.write("".join(f"{a} {b} {c}\n" for a, b, c in _runs(index)))
+                lines = []
+                for a, b, c, i, j in _runs(index):
+                    tail = "" if sums is None else " | " + " ".join(repr(float(v)) for v in sums[i:j].sum(0).tolist())
+                    lines.append(f"{a} {b} {c}{tail}\n")
+                log.write("".join(lines))
                 log.flush()
                 os.fsync(log.fileno())
 
@@ -203,12 +238,18 @@ class AttributionWriter(pl.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         assert self._writer is not None and self._done is not None
         index = batch["index"].cpu().long()
-        if bool(self._done[index].all()):
+        todo = ~self._done[index]
+        if not bool(todo.any()):
             return None
-        target = batch["label"] if self.target == "label" else "predicted"
-        attr = self.explainer.attribute(batch["image"], target).float()
+        x, y = batch["image"], batch["label"]
+        if not bool(todo.all()):  # a store begun by another number of ranks: write each sample once
+            keep = todo.nonzero().flatten()
+            x, y, index = x[keep.to(x.device)], y[keep.to(y.device)], index[keep]
+        target = y if self.target == "label" else "predicted"
+        attr = self.explainer.attribute(x, target).float()
         scale = attr.flatten(1).abs().amax(1).clamp_min(1e-30).view(-1, 1, 1)
-        self._writer.write(index, (attr / scale).to(self.store_dtype).cpu())
+        sums = x.detach().double().sum(dim=(2, 3)).cpu()  # per-sample channel sums: the split's mean, for free
+        self._writer.write(index, (attr / scale).to(self.store_dtype).cpu(), sums)
         return None
 
 
@@ -348,6 +389,12 @@ class AttributionStore:
         for start in range(0, n, 4096):
             out[start:start + 4096] = reader[torch.arange(start, min(start + 4096, n))].to(dtype)
         return out
+
+    def channel_mean(self, split: str, n: int, size: tuple[int, int], dtype: torch.dtype) -> Tensor | None:
+        """Per-channel mean float32 [C] of ``split``'s images (normalised units) from the store's logs;
+        None until the split is complete (or when its logs carry no sums)."""
+        layout = self.layout(split, n, size, dtype)
+        return None if layout is None else layout.channel_mean()
 
     def store_dtype_of(self, split: str) -> torch.dtype | None:
         """The dtype ``split`` was stored in (None before its first write)."""

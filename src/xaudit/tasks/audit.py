@@ -39,7 +39,7 @@ from xaudit.roar.data import SplitDataModule, TensorSplit
 from xaudit.roar.masking import MODES as RETRAIN_MODES
 from xaudit.roar.masking import check_fractions
 from xaudit.roar.results import ResultsLog
-from xaudit.roar.runner import Recipe, RoarSweep
+from xaudit.roar.runner import Recipe, RoarSweep, check_fill
 from xaudit.roar.store import check_store_dtype, method_key
 from xaudit.tasks.common import (
     finish_wandb,
@@ -410,10 +410,14 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
     store_dtype = check_store_dtype(str(roar.get("store_dtype", "float16")))
     model_cfg, recipe = retrain_recipe(roar, trained, datamodule, batch_size, cfg)
     tie_seed = int(roar.get("tie_seed", 0))
+    fill = resolve_fill(str(roar.get("fill", "auto")), datamodule)
     effective = effective_recipe(model_cfg, recipe, fit_trainer or make_trainer("fit"))
     results = ResultsLog(out_dir / mode)
-    results.check_config({**identity, "mode": mode, "tie_seed": tie_seed, "store_dtype": str(roar.store_dtype),
-                          "recipe": effective}, accept=accepted_changes(cfg))
+    identity_roar = {**identity, "mode": mode, "tie_seed": tie_seed, "store_dtype": str(roar.store_dtype),
+                     "recipe": effective}
+    if fill != "normalisation":  # recorded only where it changes the cells (older audits stay resumable)
+        identity_roar["fill"] = fill
+    results.check_config(identity_roar, accept=accepted_changes(cfg))
     datamodule.setup("fit")
     plain_train = datamodule.plain_train_set()
     train = TensorSplit.from_dataset(plain_train, datamodule.mean, datamodule.std, stream=data_path(cfg))
@@ -436,5 +440,14 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
                       claim_heartbeat_s=float(claims.get("heartbeat_s", 15)),
                       poll_s=float(claims.get("poll_s", 5)),
                       recipe_record={k: v for k, v in effective.items() if k != "model"},
-                      num_workers=int(getattr(datamodule, "num_workers", 0)))
+                      num_workers=int(getattr(datamodule, "num_workers", 0)), fill=fill)
     return sweep.run()
+
+
+def resolve_fill(fill: str, datamodule: Any) -> str:
+    """``roar.fill``: ``auto`` is ``normalisation`` where the data is normalised by its training
+    split's own mean (shapes, CIFAR-10: the two are the same value), else ``train_mean`` (an
+    ImageFolder normalised with ImageNet's mean gets its own training split's mean, Hooker et al.)."""
+    if fill == "auto":
+        return "normalisation" if getattr(datamodule, "mean_is_train_mean", False) else "train_mean"
+    return check_fill(fill)
