@@ -61,11 +61,15 @@ def _splitmix(seeds: Tensor, pixels: Tensor) -> Tensor:
     return x ^ ((x >> 29) & 0x7FFFFFFFF)
 
 
+def _positions(n: int, offset: int, positions: Tensor | None, device: torch.device) -> Tensor:
+    """Dataset position of each of ``n`` images, long [n] on ``device``: ``positions``, or
+    ``offset + arange(n)``."""
+    return torch.arange(n, device=device) + int(offset) if positions is None else positions.to(device).long()
+
+
 def _image_seeds(n: int, tie_seed: int, offset: int, positions: Tensor | None, device: torch.device) -> Tensor:
-    """Seed of each image's tie-break, long [n] on ``device``: its dataset position (``positions``,
-    or ``offset + arange(n)``) mixed with ``tie_seed``."""
-    where = torch.arange(n, device=device) + int(offset) if positions is None else positions.to(device).long()
-    return where + int(tie_seed) * 1_000_003
+    """Seed of each image's tie-break, long [n] on ``device``: its dataset position mixed with ``tie_seed``."""
+    return _positions(n, offset, positions, device) + int(tie_seed) * 1_000_003
 
 
 def order_key(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: Tensor | None = None) -> Tensor:
@@ -101,9 +105,10 @@ def removal_order(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: T
 def _keep_rows(attr: Tensor, k: int, mode: str, tie_seed: int, positions: Tensor) -> Tensor:
     """Bool [n, H·W] keep rows, equal to thresholding :func:`removal_order`'s ranks at ``k``.
 
-    Selection, not sorting: one ``kthvalue`` per image finds the cut value ``t``; pixels beyond it
-    go, and only the pixels equal to ``t`` (a tie the seeded priority breaks; common with
-    float16 maps) are hashed and ordered, all rows at once in one small sort of those pixels.
+    Selection, not sorting: one order statistic per image (:func:`_cut`) finds the cut value ``t``;
+    pixels beyond it go, and where only some of the pixels equal to ``t`` go (a tie the seeded
+    priority breaks; common with float16 maps) those are hashed and ordered, all such rows at once
+    in one small sort.
     Rows holding NaN take the full ranking. ``positions``: long [n], on ``attr``'s device.
     """
     n = attr.shape[0]
@@ -166,7 +171,7 @@ def keep_mask(attr: Tensor, fraction: float, mode: str, tie_seed: int = 0, offse
         raise ConfigError(f"mode={mode!r} is unknown; choose one of {list(MODES)}.")
     n, h, w = attr.shape
     k = round(float(fraction) * h * w)
-    where = torch.arange(n, device=attr.device) + int(offset) if positions is None else positions.to(attr.device).long()
+    where = _positions(n, offset, positions, attr.device)
     out = torch.empty(n, h * w, dtype=torch.bool, device=attr.device)
     for s in range(0, n, chunk):
         out[s:s + chunk] = _keep_rows(attr[s:s + chunk], k, mode, tie_seed, where[s:s + chunk])

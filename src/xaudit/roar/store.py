@@ -11,8 +11,8 @@ The maps of a split are written straight into W fixed-shape raw files (W = the n
 computed them; float16 by default): shard ``r`` holds the samples ``r, r+W, r+2W, ...``, which is
 exactly the slice Lightning's ``predict`` hands rank ``r`` (evaluation sharding, no padding), so
 under DDP every rank writes only its own file. There is no second copy: the same files are what
-:class:`MapReader` reads by index, each map with one ``pread`` (or a batch through a short-lived
-memory map) without loading the rest.
+:class:`MapReader` reads by index, each map with one ``pread`` into the batch's buffer, without
+loading the rest.
 
 Crash safety: a writer appends one line per finished batch to its ``done`` log, after the batch's
 rows are written and synced. A killed run leaves its finished batches recorded; the rerun computes
@@ -347,15 +347,9 @@ class AttributionStore:
         With ``size`` and ``dtype`` the layout is checked against them too (a mismatch is an error);
         without, a store of another sample count is simply not complete (its writer then refuses it)."""
         rec = self._record(split)
-        if rec is None:
+        if rec is None or (size is None and int(rec["n"]) != n):
             return False
-        if size is not None and dtype is not None:
-            layout = self.layout(split, n, size, dtype)
-        elif int(rec["n"]) != n:
-            return False
-        else:
-            layout = SplitLayout(self.split_dir(split), n, tuple(rec["size"]), STORE_DTYPES[rec["dtype"]],
-                                 int(rec["world"]))
+        layout = self.layout(split, n, size or tuple(rec["size"]), dtype or STORE_DTYPES[rec["dtype"]])
         assert layout is not None
         return bool(layout.done().all())
 
@@ -378,13 +372,10 @@ class AttributionStore:
 
         When a sample is missing: an error if ``required``, else None (the caller computes them).
         """
-        if not required and not self.complete(split, n, size, self.store_dtype_of(split)):
-            return None
         stored = self.store_dtype_of(split)
-        if stored is None:
-            raise RuntimeError(f"attributions of {self.method} on {split} were never computed; rerun the audit "
-                               "to compute them.")
-        reader = self.reader(split, n, size, stored)
+        if not required and (stored is None or not self.complete(split, n, size, stored)):
+            return None
+        reader = self.reader(split, n, size, stored or torch.float16)  # never written: reader's error
         out = torch.empty((n, *size), dtype=dtype)
         for start in range(0, n, 4096):
             out[start:start + 4096] = reader[torch.arange(start, min(start + 4096, n))].to(dtype)
