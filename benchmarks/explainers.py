@@ -148,7 +148,7 @@ def build_rows(model: nn.Module, x: torch.Tensor, target: torch.Tensor, args: ar
             lambda: GuidedBackprop(model).attribute(xg, target=target).abs().amax(1), "captum GuidedBackprop", b),
         Row("deconvnet", ours("deconvnet"),
             lambda: Deconvolution(model).attribute(xg, target=target).abs().amax(1), "captum Deconvolution", b),
-        Row("smoothgrad (25 × saliency)", ours("smoothgrad", n=25, sigma=0.15, internal_batch_size=ibs),
+        Row("smoothgrad (25 × saliency)", ours("smoothgrad", base="saliency", n=25, sigma=0.15, internal_batch_size=ibs),
             lambda: NoiseTunnel(Saliency(model)).attribute(xg, nt_type="smoothgrad", nt_samples=25,
                                                            nt_samples_batch_size=max(1, ibs // b),
                                                            stdevs=0.15 * rng, target=target).amax(1),

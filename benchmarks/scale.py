@@ -291,7 +291,7 @@ def main() -> None:
                 "explainer=[saliency]", "controls=[random]"]
         ev_wall, ev_rss = measured([*base, "audit=evaluate", f"evaluate.limit={args.limit}",
                                     f"out_dir={out / f'audit_{k}N'}", f"hydra.run.dir={out / f'ev_{k}N'}"], out)
-        ro_wall, ro_rss = measured([*base, "audit=roar", "roar.fractions=[0.5]", "roar.epochs=1",
+        ro_wall, ro_rss = measured([*base, "audit=roar", "roar.fractions=[0.5]", "roar.epochs=1", "roar.seed=0",
                                     f"out_dir={out / f'audit_{k}N'}", f"hydra.run.dir={out / f'roar_{k}N'}"], out)
         # per image: the cells' own recorded seconds (process start-up and imports excluded)
         (ev_s, ev_gpu), (ro_s, ro_gpu) = (cell_seconds(out / f"audit_{k}N" / mode) for mode in ("evaluate", "roar"))

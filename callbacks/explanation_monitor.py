@@ -77,7 +77,10 @@ class ExplanationMonitor(pl.Callback):
             extra explanations of the probe batch per method.
         robustness: keyword options of the robustness metrics by name (e.g. ``{"max_sensitivity":
             {"radius": 0.05, "n": 4}}``); ``n`` defaults to 4 here and the noise is seeded by ``seed``.
-        steps: deletion/insertion steps (RISE protocol).
+        steps: deletion/insertion steps (16: a cheap per-epoch curve; RISE's protocol is min(H, W),
+            ``steps=null``; the audit's evaluate mode uses that).
+        substrate: deletion/insertion substrate; null: RISE's (zeros for deletion, its blur for
+            insertion). The monitor explains and scores the true class of each probe image.
         seed: seeds the probe-batch choice (a private generator).
         log_images / log_table: turn off the grid image / W&B table.
     """
@@ -89,8 +92,8 @@ class ExplanationMonitor(pl.Callback):
         num_samples: int = 16,
         metrics: Sequence[str] | str = "auto",
         robustness: dict[str, dict[str, Any]] | None = None,
-        steps: int = 16,
-        substrate: str = "blur",
+        steps: int | None = 16,
+        substrate: str | None = None,
         seed: int = 0,
         log_images: bool = True,
         log_table: bool = True,
@@ -104,7 +107,7 @@ class ExplanationMonitor(pl.Callback):
                 raise unknown_choice("explainer", name, explainer_names(), key="callbacks.explanation_monitor.explainers")
         if not self.specs:
             raise ConfigError("callbacks.explanation_monitor.explainers is empty; name at least one method.")
-        if int(every_n_epochs) < 1 or int(num_samples) < 1 or int(steps) < 1:
+        if int(every_n_epochs) < 1 or int(num_samples) < 1 or (steps is not None and int(steps) < 1):
             raise ConfigError("every_n_epochs, num_samples and steps of the explanation monitor must be ≥1; got "
                               f"{every_n_epochs}, {num_samples}, {steps}.")
         self.auto = metrics == "auto"
@@ -128,7 +131,7 @@ class ExplanationMonitor(pl.Callback):
                 self.robustness[m] = kw
         self.every_n_epochs = int(every_n_epochs)
         self.num_samples = int(num_samples)
-        self.steps = int(steps)
+        self.steps = None if steps is None else int(steps)
         self.substrate = substrate
         self.seed = int(seed)
         self.log_images = bool(log_images)

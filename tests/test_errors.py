@@ -69,9 +69,9 @@ CASES: list[tuple[str, Callable[[], object], type[BaseException], str]] = [
     ("unknown canonizer", lambda: create("lrp", NET, canonizers=["merge_bn"]), ValueError,
      r"Did you mean 'merge_batchnorm'"),
     ("unknown baseline", lambda: create("deeplift", NET, baseline="foo").attribute(x(1, 3, 32, 32), 0), ValueError,
-     r"Unknown baseline 'foo'\. Choices: blur, gray, mean, zero"),
+     r"Unknown baseline 'foo'\. Choices: blur, gray, mean, rise_blur, zero"),
     ("unknown substrate", lambda: DeletionInsertion(NET, substrate="noise"), ValueError,
-     r"Unknown substrate 'noise'.*Choices: blur, mean, zero"),
+     r"Unknown substrate 'noise'.*Choices: blur, gaussian, mean, zero"),
     ("integrated gradients steps 0", lambda: create("integrated_gradients", NET, steps=0), ValueError,
      r"steps must be an integer ≥1; got 0"),
     ("smoothgrad n 0", lambda: create("smoothgrad", NET, n=0), ValueError, r"n must be an integer ≥1; got 0"),
@@ -87,7 +87,7 @@ CASES: list[tuple[str, Callable[[], object], type[BaseException], str]] = [
     ("noise radius ≤ 0", lambda: create_metric("max_sensitivity", model=NET, radius=0), ValueError,
      r"radius=0 must be a number > 0"),
     ("unknown audit target", lambda: check_target_mode("truth"), ValueError,
-     r"target='truth' is unknown; choose one of \['label', 'predicted'\]"),
+     r"target='truth' is unknown; choose one of \['auto', 'label', 'predicted'\]"),
 ]
 
 

@@ -80,7 +80,7 @@ FAST_KW: dict[str, dict[str, Any]] = {
     # pattern methods refuse to explain before their signal directions are fitted
     "pattern_net": {"fit_data": images(8, seed=3)},
     "pattern_attribution": {"fit_data": images(8, seed=3)},
-    "lime": {"n_segments": 8, "n_samples": 24},
+    "lime": {"segmentation": "slic", "n_segments": 8, "n_samples": 24, "score": "logit"},
     "kernel_shap": {"n_segments": 8, "n_samples": 24},
     "xrai": {"steps": 4, "n_segments": (4, 8)},
 }

@@ -27,7 +27,7 @@ def test_linear_model_curves_have_the_closed_form(linear_scorer):
     attr = x[:, 0].clone()
     target = torch.tensor([0])
     deletion = DeletionInsertion(model, mode="deletion", steps=4)
-    insertion = DeletionInsertion(model, mode="insertion", steps=4)
+    insertion = DeletionInsertion(model, mode="insertion", steps=4, substrate="zero")
     deletion.update(x, attr, target)
     insertion.update(x, attr, target)
     del_logits = [1.0, 0.6, 0.3, 0.1, 0.0]
@@ -115,8 +115,29 @@ def test_substrates_are_what_they_claim():
     x = torch.randn(2, 3, 16, 16)
     assert torch.equal(make_substrate(x, "zero"), torch.zeros_like(x))
     torch.testing.assert_close(make_substrate(x, "mean"), x.mean((2, 3), keepdim=True).expand_as(x))
-    blurred = make_substrate(x, "blur")
+    blurred = make_substrate(x, "gaussian")  # xaudit's wide blur (σ = side/8), the pre-protocol-2 substrate
     assert blurred.shape == x.shape and blurred.std() < 0.5 * x.std()  # smooth, not a copy
+
+
+def test_blur_substrate_is_rises_reference_blur_at_224_and_scales_with_the_side():
+    """RISE's evaluation.py: kern = gkern(11, 5) (scipy gaussian_filter of a centred delta), applied
+    per channel by conv2d(x, kern, padding=5) on the normalised image. Tolerance: float32 conv (1e-5)."""
+    from scipy.ndimage import gaussian_filter
+
+    from xaudit.explainers.fills import rise_kernel_size, rise_sigma
+
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1
+    kern = torch.zeros(3, 3, 11, 11, dtype=torch.float64)
+    for c in range(3):
+        kern[c, c] = torch.from_numpy(gaussian_filter(delta, 5))
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    ref = torch.nn.functional.conv2d(x.double(), kern, padding=5).float()
+    torch.testing.assert_close(make_substrate(x, "blur"), ref, rtol=0, atol=1e-5)
+    # the scaling rule: σ = 5·side/224, kernel 2·round(σ)+1 (≥3)
+    assert (rise_sigma(224, 224), rise_kernel_size(rise_sigma(224, 224))) == (5.0, 11)
+    assert rise_sigma(32, 32) == pytest.approx(5 * 32 / 224) and rise_kernel_size(rise_sigma(32, 32)) == 3
+    assert rise_sigma(448, 448) == 10.0 and rise_kernel_size(10.0) == 21
 
 
 def test_chunking_batching_and_inference_mode_do_not_change_results(tiny_cnn):

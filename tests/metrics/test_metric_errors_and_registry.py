@@ -70,9 +70,9 @@ def test_steps_substrate_and_mode_are_checked_at_construction(tiny_cnn):
         with pytest.raises(ConfigError, match=rf"steps={steps!r} must be an integer ≥1"):
             DeletionInsertion(tiny_cnn, steps=steps)
     with pytest.raises(ConfigError, match=r"Unknown substrate 'blurr' \(substrate\)\. Did you mean 'blur'\? "
-                                          r"Choices: blur, mean, zero\."):
+                                          r"Choices: blur, gaussian, mean, zero\."):
         DeletionInsertion(tiny_cnn, substrate="blurr")
-    with pytest.raises(ConfigError, match=r"Unknown substrate 'noise'.*Choices: blur, mean, zero"):
+    with pytest.raises(ConfigError, match=r"Unknown substrate 'noise'.*Choices: blur, gaussian, mean, zero"):
         FaithfulnessCorrelation(tiny_cnn, substrate="noise")
     with pytest.raises(ConfigError, match=r"Unknown mode 'delete'.*Did you mean 'deletion'"):
         DeletionInsertion(tiny_cnn, mode="delete")

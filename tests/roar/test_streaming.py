@@ -139,7 +139,8 @@ def test_streamed_audit_equals_the_in_memory_audit(mode: str, folder_ckpt: tuple
                                                    tmp_path: Path) -> None:
     """evaluate-ddp: two ranks (ddp_sim), each reading only its own images, equal one process."""
     ckpt, _ = folder_ckpt
-    extra = (["audit=roar", "explainer=[saliency]", "controls=[random]", "roar.fractions=[0.5]", "roar.epochs=1"]
+    extra = (["audit=roar", "explainer=[saliency]", "controls=[random]", "roar.fractions=[0.5]", "roar.epochs=1",
+              "roar.seed=0"]
              if mode == "roar" else ["audit=evaluate", "explainer=[saliency]", "controls=[random]", "evaluate.limit=20"])
     ranks = ["trainer=ddp_sim"] if mode == "evaluate-ddp" else []
     streamed = _audit(ckpt, tmp_path / "stream", *extra, *ranks, "data_path=stream")
@@ -170,7 +171,7 @@ def test_ddp_ranks_each_write_their_own_shard_and_equal_one_device(folder_ckpt: 
     shard file, and the two shards hold the maps one process computes."""
     ckpt, _ = folder_ckpt
     extra = ["audit=roar", "explainer=[saliency]", "controls=[]", "roar.fractions=[0.5]", "roar.epochs=1",
-             "data_path=stream"]
+             "roar.seed=0", "data_path=stream"]
     two = _audit(ckpt, tmp_path / "two", *extra, "trainer=ddp_sim")
     one = _audit(ckpt, tmp_path / "one", *extra)
     assert [r["cell"] for r in two] == [r["cell"] for r in one] and len(two) == 2
@@ -202,7 +203,7 @@ def test_streamed_store_killed_while_written_completes_without_recomputing(folde
     ends with the uninterrupted run's shard files and results."""
     ckpt, folder_out = folder_ckpt
     extra = ["audit=roar", "explainer=[saliency]", "controls=[random]", "roar.fractions=[0.5]", "roar.epochs=1",
-             "batch_size=2", "data_path=stream"]
+             "roar.seed=0", "batch_size=2", "data_path=stream"]
     reference = _audit(ckpt, tmp_path / "ref", *extra)
     out = tmp_path / "killed"
     attr = out / "audit" / "attributions"
@@ -228,7 +229,7 @@ def test_store_of_data_that_changed_since_is_refused(folder_ckpt: tuple[str, Pat
     data = tmp_path / "data"
     shutil.copytree(folder_out / "data", data)
     extra = ["audit=roar", "explainer=[saliency]", "controls=[]", "roar.fractions=[0.5]", "roar.epochs=1",
-             f"++data.data_dir={data / 'imagefolder'}", "data_path=stream"]
+             "roar.seed=0", f"++data.data_dir={data / 'imagefolder'}", "data_path=stream"]
     _audit(ckpt, tmp_path, *extra)
     train = data / "imagefolder" / "train"
     moved = sorted((train / "cat").glob("*.png"))[0]

@@ -57,20 +57,24 @@ def _cells() -> list[dict]:
 def test_retrain_summary_and_findings() -> None:
     rows = retrain_summary(_cells())
     gc = {r["fraction"]: r for r in rows if r["method"] == "grad_cam"}
-    assert gc[0.0]["test_acc"] == pytest.approx(0.96), "the baseline is every method's 0 %"
-    assert gc[0.5]["test_acc"] == pytest.approx(0.42) and gc[0.5]["test_acc_std"] == pytest.approx(0.0283, abs=1e-4)
+    assert gc[0.0]["test_acc_mean"] == pytest.approx(0.96), "the baseline is every method's 0 %"
+    assert gc[0.5]["test_acc_mean"] == pytest.approx(0.42)
+    assert gc[0.5]["test_acc_std"] == pytest.approx(0.0283, abs=1e-4)
     text = " ".join(findings("roar", _cells()))
-    assert "Removing 50%: grad_cam 0.420, random 0.860." in text
-    assert "more informative than random): grad_cam" in text
+    assert "Removing 50%: grad_cam 0.420 ± 0.028, random 0.860 ± 0.014." in text
+    assert "Better than random (accuracy lower; difference to random with its 95% Welch interval): grad_cam" in text
     assert "grad_cam: accuracy rises from 50% to 90% removed" in text, "mask leakage is called out"
 
 
 def test_write_report_files(tmp_path: Path) -> None:
     paths = write_report(tmp_path, "roar", _cells(), {"checkpoint": "x.ckpt"})
     assert {"csv", "json", "md", "html", "plot0"} <= set(paths)
-    csv_lines = paths["csv"].read_text().splitlines()
-    assert len(csv_lines) == 11 and csv_lines[0].split(",")[0] == "cell"
+    cell_lines = paths["cells_csv"].read_text().splitlines()
+    assert len(cell_lines) == 11 and cell_lines[0].split(",")[0] == "cell"
+    csv_lines = paths["csv"].read_text().splitlines()  # one row per method × fraction
+    assert len(csv_lines) == 1 + 2 * 3 and csv_lines[0].split(",")[:3] == ["method", "fraction", "seeds"]
     summary = json.loads(paths["json"].read_text())["summary"]
     assert summary["header"] == ["method", "0%", "50%", "90%"]
-    assert summary["rows"][0] == ["grad_cam", "0.9600 ± 0.0141", "0.4200 ± 0.0283", "0.7100 ± 0.0141"]
+    assert summary["rows"][0] == ["grad_cam", "0.9600 ± 0.0141 [0.8329, 1.0871]", "0.4200 ± 0.0283 [0.1659, 0.6741]",
+                                  "0.7100 ± 0.0141 [0.5829, 0.8371]"]
     assert paths["plot0"].read_bytes()[:4] == b"\x89PNG"

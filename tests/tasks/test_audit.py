@@ -36,7 +36,8 @@ from xaudit_testing import (
 )
 
 TRAIN = AUDITED_TRAIN
-ROAR = ["audit=roar", "roar.fractions=[0.5,0.9]", "explainer=[grad_cam,saliency]"]
+# one seed: these tests check the sweep, not the statistics (tests/reporting/test_roar_statistics.py)
+ROAR = ["audit=roar", "roar.fractions=[0.5,0.9]", "explainer=[grad_cam,saliency]", "roar.seed=0"]
 ROAR_CELLS = 1 + 2 * 4  # baseline + 2 fractions × (2 methods + 2 controls)
 
 
@@ -77,12 +78,14 @@ def test_roar_end_to_end_writes_every_output(roar_run: dict[str, Any]) -> None:
     for r in lines:
         assert 0.0 <= r["test_acc"] <= 1.0 and r["test_count"] == 300 and r["epochs"] == 4
     assert cells["roar|baseline|0|0"]["test_acc"] > 0.9
-    for name in ("results.csv", "results.json", "report.md", "report.html", "roar_accuracy.png",
+    for name in ("results.csv", "cells.csv", "results.json", "report.md", "report.html", "roar_accuracy.png",
                  "audit_config.json"):
         assert (mode_dir / name).is_file(), name
     assert (mode_dir / "roar_accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    csv_rows = (mode_dir / "results.csv").read_text().splitlines()
-    assert len(csv_rows) == 1 + ROAR_CELLS and csv_rows[0].startswith("cell,")
+    cell_rows = (mode_dir / "cells.csv").read_text().splitlines()
+    assert len(cell_rows) == 1 + ROAR_CELLS and cell_rows[0].startswith("cell,")
+    point_rows = (mode_dir / "results.csv").read_text().splitlines()  # one per method × fraction (0 %, 50 %, 90 %)
+    assert len(point_rows) == 1 + 4 * 3 and point_rows[0].startswith("method,fraction,seeds,test_acc_mean,")
     summary = json.loads((mode_dir / "results.json").read_text())["summary"]
     assert summary["header"] == ["method", "0%", "50%", "90%"]
     assert [row[0] for row in summary["rows"]] == ["grad_cam", "saliency", "random", "sobel"]
@@ -107,6 +110,7 @@ def test_roar_logs_wandb_table_and_line_plot(roar_run: dict[str, Any]) -> None:
     assert summary["audit/roar/table/_type"] == "table-file"
     assert summary["audit/roar/table/nrows"] == 4  # one row per method
     assert summary["audit/roar/cells/nrows"] == ROAR_CELLS
+    assert summary["audit/roar/points/nrows"] == 4 * 3  # results.csv: method × fraction
     assert summary["audit/roar/roar_accuracy/_type"] == "image-file"
     assert summary["audit/roar/accuracy_vs_fraction_table/_type"] == "table-file"  # wandb.plot.line_series
     table = json.loads((runs[0] / "files" / summary["audit/roar/table/path"]).read_text())
@@ -138,7 +142,7 @@ def test_kar_end_to_end_reuses_the_attribution_shards(ckpt: str, roar_run: dict[
     cells = result["cells"]
     assert len(cells) == ROAR_CELLS and all(k.startswith("kar|") for k in cells)
     mode_dir = Path(result["mode_dir"])
-    for name in ("results.csv", "results.json", "report.md", "report.html", "kar_accuracy.png"):
+    for name in ("results.csv", "cells.csv", "results.json", "report.md", "report.html", "kar_accuracy.png"):
         assert (mode_dir / name).is_file(), name
     # KAR keeps the *least* important pixels: keeping grad_cam's top half keeps more signal than ROAR's
     assert cells["kar|grad_cam|0.5|0"]["test_acc"] > roar_run["cells"]["roar|grad_cam|0.5|0"]["test_acc"]
@@ -216,7 +220,22 @@ def test_evaluate_table_and_outputs(eval_run: dict[str, Any]) -> None:
     for name in ("results.csv", "results.json", "report.md", "report.html", "evaluate_scores.png",
                  "evaluate_curves.png"):
         assert (mode_dir / name).is_file(), name
-    assert "| grad_cam |" in (mode_dir / "report.md").read_text()
+    report = (mode_dir / "report.md").read_text()
+    assert "| grad_cam |" in report
+    # issue 26: the protocol card lists every metric that ran, with its parameters and paper
+    card = json.loads((mode_dir / "protocol.json").read_text())
+    assert card["version"] == 2 and card["target"] == "auto" and set(card["metrics"]) == set(gc["metrics"])
+    assert card["metrics"]["deletion"]["params"] == {"mode": "deletion", "steps": 8, "substrate": "zero",
+                                                     "output": "prob", "tie_seed": 0, "target": "predicted"}
+    assert card["metrics"]["deletion"]["deviations"] == ["steps=8 (paper: 32)"]
+    assert card["metrics"]["insertion"]["params"]["blur_kernel"] == 3
+    assert card["metrics"]["pointing_game"]["params"] == {"tolerance": 2, "target": "label"}
+    assert "## Protocol" in report and "Protocol" in (mode_dir / "report.html").read_text()
+    for label, row in card["metrics"].items():
+        line = next(ln for ln in report.splitlines() if ln.startswith(f"| {label}"))
+        assert all(f"{k}={v}" in line for k, v in row["params"].items()), (label, line)
+        assert row["paper"].split(",")[0] in line
+    assert gc["protocol_version"] == 2
 
 
 @pytest.mark.slow
@@ -232,6 +251,20 @@ def test_evaluate_ddp_sim_gives_the_same_table(ckpt: str, eval_run: dict[str, An
         for metric, value in one[key]["metrics"].items():
             # same samples, same maps; only the order of the float sums differs between 1 and 2 ranks
             assert two[key]["metrics"][metric] == pytest.approx(value, abs=1e-5), (key, metric)
+
+
+@pytest.mark.slow
+def test_directory_of_an_older_protocol_is_refused(ckpt: str, eval_run: dict[str, Any], tmp_path: Path) -> None:
+    """Old and new numbers are never merged: a directory whose fingerprint has another protocol
+    (here: version 1, as written before issue 26) is refused on resume, naming the difference."""
+    src = Path(eval_run["mode_dir"])
+    old = tmp_path / "audit" / "evaluate"
+    old.mkdir(parents=True)
+    fingerprint = json.loads((src / "audit_config.json").read_text())
+    fingerprint["protocol"]["version"] = 1
+    (old / "audit_config.json").write_text(json.dumps(fingerprint))
+    with pytest.raises(ConfigMismatchError, match=r"protocol.version: 1 → 2"):
+        run_audit(ckpt, tmp_path, *EVAL)
 
 
 @pytest.mark.slow

@@ -3,8 +3,15 @@
 Both switch superpixels on (keep the pixels) or off (replace them by ``baseline``), score the
 perturbed images with the model, and fit a weighted linear model of the score on the binary
 "interpretable" vectors; each pixel gets its superpixel's coefficient. Superpixels come from
-:func:`xaudit.explainers.segmentation.segment` (torch SLIC by default, or a grid), or from a
+:func:`xaudit.explainers.segmentation.segment` (quick shift, torch SLIC or a grid), or from a
 ``feature_mask`` long [B,H,W] passed to ``attribute``.
+
+LIME's defaults are the lime package's (``LimeImageExplainer().explain_instance``, lime 0.2):
+quick shift superpixels (kernel_size=4, max_dist=200, ratio=0.2, on each image mapped to [0,1]
+by its own range), 1000 samples, a hidden superpixel replaced by its own mean colour
+(``hide_color=None`` → ``baseline="segment_mean"``), the class probability as the score,
+kernel width 0.25 on the cosine distance in the binary space, and ``Ridge(alpha=1)`` with an
+intercept. KernelSHAP keeps SLIC, a zero baseline and the logit.
 
 The binary samples of each image come from a local generator seeded by ``seed`` and the image's
 own bits (:func:`xaudit.explainers.baselines.image_seeds`): reproducible, independent of the rest
@@ -22,9 +29,10 @@ from torch import Tensor, nn
 
 from xaudit.explainers.base import AUTO, Explainer, Target, TargetLike, check_positive_int
 from xaudit.explainers.baselines import image_seeds
-from xaudit.explainers.fills import FillLike, check_fill, make_fill
+from xaudit.explainers.fills import FILLS, FillLike, check_fill, make_fill
 from xaudit.explainers.registry import register
 from xaudit.explainers.segmentation import (
+    QUICKSHIFT_DEFAULTS,
     SEGMENTATIONS,
     check_feature_mask,
     require_regions,
@@ -34,6 +42,32 @@ from xaudit.utils.errors import ConfigError, unknown_choice
 
 SCORES: tuple[str, ...] = ("logit", "prob")
 DISTANCES: tuple[str, ...] = ("interpretable", "input")
+#: a hidden superpixel takes its own per-channel mean over the image (lime's ``hide_color=None``)
+SEGMENT_MEAN = "segment_mean"
+BASELINES: tuple[str, ...] = (SEGMENT_MEAN, *FILLS)
+_QS = QUICKSHIFT_DEFAULTS
+
+
+def segment_means(x: Tensor, labels: Tensor, counts: list[int]) -> Tensor:
+    """Each pixel of ``x`` [B,C,H,W] replaced by the mean of its superpixel, per channel (labels
+    long [B,H,W], contiguous 0..M_i−1): lime's fill for ``hide_color=None``. Summed in float64."""
+    b, c, h, w = x.shape
+    offsets = torch.tensor([0, *counts[:-1]], device=x.device).cumsum(0)
+    flat = (labels + offsets.view(b, 1, 1)).flatten()  # one label space for the whole batch
+    total = sum(counts)
+    values = x.detach().to(torch.float64).permute(1, 0, 2, 3).reshape(c, -1)
+    sums = torch.zeros(c, total, dtype=torch.float64, device=x.device).index_add_(1, flat, values)
+    sizes = torch.zeros(total, dtype=torch.float64, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.float64))
+    means = sums / sizes
+    return means[:, flat].view(c, b, h, w).permute(1, 0, 2, 3).to(x.dtype).contiguous()
+
+
+def check_baseline(baseline: FillLike) -> FillLike:
+    """``baseline`` unchanged if it is "segment_mean" or a fill :func:`make_fill` understands."""
+    if isinstance(baseline, str) and baseline not in BASELINES:
+        raise unknown_choice("baseline", baseline, BASELINES)
+    return baseline if isinstance(baseline, str) and baseline == SEGMENT_MEAN else check_fill(baseline, "baseline")
 
 
 class SuperpixelSurrogate(Explainer):
@@ -42,7 +76,9 @@ class SuperpixelSurrogate(Explainer):
 
     def __init__(self, model: nn.Module, n_samples: int, segmentation: str = "slic", n_segments: int = 50,
                  compactness: float = 1.0, baseline: FillLike = "zero", blur_sigma: float | None = None,
-                 score: str = "logit", seed: int = 0, internal_batch_size: int = 256) -> None:
+                 score: str = "logit", seed: int = 0, internal_batch_size: int = 256, *,
+                 kernel_size: float = _QS["kernel_size"], max_dist: float = _QS["max_dist"],
+                 ratio: float = _QS["ratio"]) -> None:
         super().__init__(model)
         self.n_samples = check_positive_int("n_samples", n_samples, minimum=2)
         if segmentation not in SEGMENTATIONS:
@@ -52,7 +88,12 @@ class SuperpixelSurrogate(Explainer):
         if float(compactness) < 0:
             raise ConfigError(f"compactness must be ≥0; got {compactness}.")
         self.compactness = float(compactness)
-        self.baseline = check_fill(baseline, "baseline")
+        if float(kernel_size) < 1:
+            raise ConfigError(f"kernel_size (quickshift) must be ≥1; got {kernel_size}.")
+        if float(max_dist) < 0 or float(ratio) < 0:
+            raise ConfigError(f"max_dist and ratio (quickshift) must be ≥0; got {max_dist}, {ratio}.")
+        self.kernel_size, self.max_dist, self.ratio = float(kernel_size), float(max_dist), float(ratio)
+        self.baseline = check_baseline(baseline)
         self.blur_sigma = blur_sigma
         if score not in SCORES:
             raise unknown_choice(f"{type(self).__name__} score", score, SCORES)
@@ -78,10 +119,19 @@ class SuperpixelSurrogate(Explainer):
             labels, counts = check_feature_mask(feature_mask, x)
             require_regions(counts, "feature_mask")
         else:
-            labels = segment(x, self.segmentation, self.n_segments, self.compactness)
+            labels = segment(x, self.segmentation, self.n_segments, self.compactness, kernel_size=self.kernel_size,
+                             max_dist=self.max_dist, ratio=self.ratio)
             counts = [int(lab.max()) + 1 for lab in labels]
-            require_regions(counts, f"the {self.segmentation} segmentation (n_segments={self.n_segments})")
+            params = (f"kernel_size={self.kernel_size:g}, max_dist={self.max_dist:g}, ratio={self.ratio:g}"
+                      if self.segmentation == "quickshift" else f"n_segments={self.n_segments}")
+            require_regions(counts, f"the {self.segmentation} segmentation ({params}) of x {tuple(x.shape)}")
         return labels, counts
+
+    def fill(self, x: Tensor, labels: Tensor, counts: list[int]) -> Tensor:
+        """The image [B,C,H,W] whose pixels replace those of switched-off superpixels."""
+        if isinstance(self.baseline, str) and self.baseline == SEGMENT_MEAN:
+            return segment_means(x, labels, counts)
+        return make_fill(x, self.baseline, self.blur_sigma, option="baseline")
 
     def samples(self, x: Tensor, counts: list[int]) -> list[tuple[Tensor, Tensor | None]]:
         """Per image: the binary vectors Z [N,M_i] (float64, CPU) and their prior weights (or None),
@@ -111,7 +161,7 @@ class SuperpixelSurrogate(Explainer):
         with torch.no_grad():
             idx = target.indices(self._logits(x))  # a bad target fails before any sampling
         labels, counts = self.superpixels(x, self._feature_mask)
-        fill = make_fill(x, self.baseline, self.blur_sigma, option="baseline")
+        fill = self.fill(x, labels, counts)
         drawn = self.samples(x, counts)
         n_max = max(z.shape[0] for z, _ in drawn)
         m_max = max(counts)
@@ -153,20 +203,34 @@ class Lime(SuperpixelSurrogate):
     """LIME (Ribeiro et al., 2016, "Why Should I Trust You?") over superpixels.
 
     ``n_samples`` binary vectors: the first keeps every superpixel (the image itself, as the
-    lime package does), the others keep each superpixel with probability 1/2 (Captum's sampler).
-    Each is weighted by exp(−d²/(2·``kernel_width``²)) with d the cosine distance to the image —
-    in the binary space (``distance="interpretable"``, the lime package's choice) or between the
-    flattened original and perturbed inputs (``"input"``, Captum's default) — and a ridge
-    regression with intercept (``alpha``; 0 = ordinary weighted least squares) is fitted.
-    Defaults follow the lime package (kernel width 0.25, ridge α = 1).
+    lime package does), the others keep each superpixel with probability 1/2 (lime's
+    ``randint(0, 2)``). Each is weighted by exp(−d²/(2·``kernel_width``²)) with d the cosine
+    distance to the image — in the binary space (``distance="interpretable"``, the lime package's
+    choice) or between the flattened original and perturbed inputs (``"input"``, Captum's
+    default) — and a ridge regression with intercept (``alpha``; 0 = ordinary weighted least
+    squares) of ``score`` is fitted.
+
+    Every default is the lime package's ``LimeImageExplainer().explain_instance``:
+    ``segmentation="quickshift"`` (``kernel_size=4, max_dist=200, ratio=0.2``, run on each image
+    mapped to [0,1] by its own min/max, see :mod:`xaudit.explainers.segmentation`),
+    ``n_samples=1000``, ``baseline="segment_mean"`` (``hide_color=None``: a hidden superpixel
+    shows its own mean colour), ``score="prob"`` (lime regresses ``classifier_fn``'s
+    probabilities), ``kernel_width=0.25``, ``distance="interpretable"`` (cosine), ``alpha=1``.
+    Deviations on request: ``segmentation="slic"``/``"grid"`` with ``n_segments`` (quick shift
+    gives a single region on images ≲ 3·kernel_size px, e.g. often at 32 px), ``baseline="zero"``
+    (or "mean", "gray", "blur", a number, a tensor — in the model's normalised space, not lime's
+    pixel values), ``score="logit"``, ``distance="input"``. The previous defaults were
+    ``segmentation="slic", n_segments=50, n_samples=500, baseline="zero", score="logit"``.
     """
 
-    def __init__(self, model: nn.Module, n_samples: int = 500, segmentation: str = "slic",
-                 n_segments: int = 50, compactness: float = 1.0, baseline: FillLike = "zero",
+    def __init__(self, model: nn.Module, n_samples: int = 1000, segmentation: str = "quickshift",
+                 n_segments: int = 50, compactness: float = 1.0, baseline: FillLike = SEGMENT_MEAN,
                  blur_sigma: float | None = None, kernel_width: float = 0.25, distance: str = "interpretable",
-                 alpha: float = 1.0, score: str = "logit", seed: int = 0, internal_batch_size: int = 256) -> None:
+                 alpha: float = 1.0, score: str = "prob", seed: int = 0, internal_batch_size: int = 256,
+                 kernel_size: float = _QS["kernel_size"], max_dist: float = _QS["max_dist"],
+                 ratio: float = _QS["ratio"]) -> None:
         super().__init__(model, n_samples, segmentation, n_segments, compactness, baseline, blur_sigma, score,
-                         seed, internal_batch_size)
+                         seed, internal_batch_size, kernel_size=kernel_size, max_dist=max_dist, ratio=ratio)
         if not float(kernel_width) > 0:
             raise ConfigError(f"kernel_width must be >0; got {kernel_width}.")
         self.kernel_width = float(kernel_width)
@@ -227,9 +291,10 @@ class KernelShap(SuperpixelSurrogate):
     def __init__(self, model: nn.Module, n_samples: int = 500, segmentation: str = "slic",
                  n_segments: int = 50, compactness: float = 1.0, baseline: FillLike = "zero",
                  blur_sigma: float | None = None, score: str = "logit", seed: int = 0,
-                 internal_batch_size: int = 256) -> None:
+                 internal_batch_size: int = 256, kernel_size: float = _QS["kernel_size"],
+                 max_dist: float = _QS["max_dist"], ratio: float = _QS["ratio"]) -> None:
         super().__init__(model, n_samples, segmentation, n_segments, compactness, baseline, blur_sigma, score,
-                         seed, internal_batch_size)
+                         seed, internal_batch_size, kernel_size=kernel_size, max_dist=max_dist, ratio=ratio)
         self.n_samples = check_positive_int("n_samples", n_samples, minimum=3)
 
     def coalitions(self, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -6,7 +6,7 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from xaudit.explainers.fills import FILLS
+from xaudit.explainers.fills import FILLS, make_fill
 from xaudit.metrics.base import (
     OUTPUTS,
     ModelHolder,
@@ -17,7 +17,6 @@ from xaudit.metrics.base import (
     check_target,
     check_target_range,
     evaluating,
-    make_substrate,
     model_logits,
     target_scores,
 )
@@ -41,6 +40,7 @@ class Completeness(ModelHolder, XAuditMetric):
     """
 
     higher_is_better: ClassVar[bool] = False
+    paper: ClassVar[str] = "Sundararajan, Taly & Yan, Axiomatic attribution for deep networks, ICML 2017"
 
     def __init__(self, model: nn.Module, baseline: str | float = "zero", output: str = "logit",
                  blur_sigma: float | None = None, eps: float = 1e-6, **kwargs: Any) -> None:
@@ -64,7 +64,7 @@ class Completeness(ModelHolder, XAuditMetric):
             logits = model_logits(self.model, x)
             check_target_range(target, logits.shape[-1])
             f_x = target_scores(logits, target, self.output)
-            base = make_substrate(x, self.baseline, self.blur_sigma)
+            base = make_fill(x, self.baseline, self.blur_sigma, option="baseline")  # the explainers' own fills
             f_base = target_scores(model_logits(self.model, base), target, self.output)
         delta = (f_x - f_base).double()
         total = attr.to(x.device).flatten(1).double().sum(1)

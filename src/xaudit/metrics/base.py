@@ -17,6 +17,7 @@ Two update signatures, one per family (``update_inputs`` names them for generic 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from itertools import chain
@@ -31,7 +32,9 @@ from xaudit.explainers.base import compute_dtype
 from xaudit.explainers.fills import FillLike, make_fill
 from xaudit.utils.errors import ConfigError, unknown_choice
 
-SUBSTRATES: tuple[str, ...] = ("zero", "blur", "mean")
+#: constructor arguments that decide how a metric runs, not what it measures (left off the card)
+_NOT_PROTOCOL = frozenset({"self", "model", "internal_batch_size", "explainer", "explainer_kwargs"})
+SUBSTRATES: tuple[str, ...] = ("zero", "blur", "mean", "gaussian")
 #: what a model-based metric reads from the classifier: the target's softmax probability or logit
 OUTPUTS: tuple[str, ...] = ("prob", "logit")
 
@@ -47,6 +50,13 @@ class XAuditMetric(Metric):
     full_state_update: ClassVar[bool] = False
     #: argument names of ``update`` (see the module docstring), used by :func:`update_metric`
     update_inputs: ClassVar[tuple[str, ...]] = ("x", "attr", "target")
+
+    #: the paper whose protocol the defaults follow (the protocol card's "paper" column)
+    paper: ClassVar[str] = ""
+    #: which class the paper explains and scores: the true ``label`` or the model's top-1 ``predicted``
+    protocol_target: ClassVar[str] = "label"
+    #: known differences from the paper's code that are not parameters (listed on the card)
+    protocol_notes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -68,6 +78,30 @@ class XAuditMetric(Metric):
     def per_sample(self) -> Tensor:
         """Per-sample values [N] in update order (gathered rank by rank under DDP)."""
         return self._gathered("values")
+
+    def protocol_params(self, size: tuple[int, int]) -> dict[str, Any]:
+        """The hyper-parameters as run on H×W images (``size``), defaults resolved; by default the
+        constructor's arguments read back from the instance (serving options left out)."""
+        out: dict[str, Any] = {}
+        for name, param in inspect.signature(type(self).__init__).parameters.items():
+            if name in _NOT_PROTOCOL or param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL):
+                continue
+            value = getattr(self, name, param.default)
+            out[name] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+        return out
+
+    def paper_params(self, size: tuple[int, int]) -> dict[str, Any]:
+        """The paper's values of the parameters it fixes, at ``size`` (scaled where the paper's are in
+        pixels at 224); parameters it leaves open are absent."""
+        return {}
+
+    def protocol(self, size: tuple[int, int]) -> dict[str, Any]:
+        """This metric's row of the protocol card: paper, parameters as run, the paper's values and
+        every deviation from them (``key=ours (paper: theirs)``), plus known notes."""
+        params, paper = self.protocol_params(size), self.paper_params(size)
+        deviations = [f"{k}={params.get(k)!r} (paper: {v!r})" for k, v in paper.items() if params.get(k) != v]
+        return {"paper": self.paper, "params": params, "paper_params": paper, "deviations": deviations,
+                "notes": list(self.protocol_notes)}
 
     def _gathered(self, state: str) -> Tensor:
         """A ``cat`` state, synced across ranks when running distributed (a collective call)."""
@@ -211,11 +245,18 @@ def check_choice(value: str, choices: tuple[str, ...], kind: str, key: str) -> s
 def make_substrate(x: Tensor, name: FillLike, blur_sigma: float | None = None) -> Tensor:
     """The image that perturbed pixels are taken from (same shape as ``x``).
 
-    ``zero`` — 0 in normalised units, i.e. the dataset-mean colour; ``mean`` — each image's own
-    per-channel mean; ``blur`` — a Gaussian-blurred copy (RISE's insertion substrate, Petsiuk et
-    al., 2018; σ = ``blur_sigma``, default max(H,W)/8). Built by the explainers' ``make_fill``, the
-    one place that makes reference images, so a metric's baseline is the explainer's baseline.
+    ``zero`` — 0 in normalised units, i.e. the dataset-mean colour (RISE's deletion substrate,
+    ``torch.zeros_like`` on the normalised image); ``blur`` — RISE's insertion substrate, the
+    reference code's Gaussian (11×11, σ = 5 at 224 px, both scaled by side/224, zero-padded;
+    ``blur_sigma`` overrides σ, see :func:`xaudit.explainers.fills.rise_blur`); ``mean`` — each
+    image's own per-channel mean; ``gaussian`` — a replicate-padded Gaussian with σ = ``blur_sigma``
+    (default max(H,W)/8, xaudit's substrate before protocol 2). Built by the explainers'
+    ``make_fill``, the one place that makes reference images.
     """
+    if name == "blur":
+        return make_fill(x, "rise_blur", blur_sigma, option="substrate")
+    if name == "gaussian":
+        return make_fill(x, "blur", blur_sigma, option="substrate")
     return make_fill(x, name, blur_sigma, option="substrate")
 
 

@@ -26,15 +26,46 @@ from xaudit.models.classifier import unshare_metric_states
 from xaudit.utils.errors import ConfigError
 from xaudit.utils.io import atomic_torch_save
 
-TARGETS: tuple[str, ...] = ("label", "predicted")
+TARGETS: tuple[str, ...] = ("auto", "label", "predicted")
 
 
 def check_target_mode(target: str) -> str:
-    """``target`` names which class is explained: the true ``label`` or the ``predicted`` one."""
+    """``target`` names which class is explained: ``auto`` (each metric's paper: the model's top-1
+    for deletion/insertion as in RISE, the true class for localisation), the true ``label`` or the
+    ``predicted`` one for every metric."""
     if target not in TARGETS:
-        raise ConfigError(f"target={target!r} is unknown; choose one of {list(TARGETS)} "
-                          "(explain the true class or the model's prediction).")
+        raise ConfigError(f"target={target!r} is unknown; choose one of {list(TARGETS)} (auto: the class each "
+                          "metric's paper explains; label: the true class; predicted: the model's top-1).")
     return target
+
+
+def metric_target(mode: str, metric: XAuditMetric) -> str:
+    """The class explained for ``metric`` under the audit's ``target`` mode: ``label`` or ``predicted``."""
+    return str(getattr(metric, "protocol_target", "label")) if mode == "auto" else mode
+
+
+def explain_for_targets(explainer: Any, x: Tensor, label: Tensor, pred: Tensor | None,
+                        kinds: set[str]) -> dict[str, tuple[Tensor, Tensor]]:
+    """Maps for each needed kind of target (``label`` / ``predicted``): {kind: (attr, target)}.
+
+    When both are needed, the predicted-class maps reuse the label maps where the model is right
+    and re-explain only the misclassified images (each image's map does not depend on the rest of
+    its batch, an explainer contract), so ``auto`` costs one pass plus the error rate.
+    """
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    if "label" in kinds:
+        out["label"] = (explainer.attribute(x, label), label)
+    if "predicted" in kinds:
+        assert pred is not None
+        if "label" in out:
+            attr = out["label"][0].clone()
+            wrong = (pred != label).nonzero().flatten()
+            if wrong.numel():
+                attr[wrong] = explainer.attribute(x[wrong], pred[wrong]).to(attr.dtype)
+            out["predicted"] = (attr, pred)
+        else:
+            out["predicted"] = (explainer.attribute(x, pred), pred)
+    return out
 
 
 def needs_mask(spec: dict[str, Any]) -> bool:
@@ -75,13 +106,14 @@ class ExplainerEvaluation(pl.LightningModule):
     """Explains every test batch with one method and feeds the maps to every metric."""
 
     def __init__(self, net: nn.Module, method: str, kwargs: dict[str, Any], metrics: dict[str, dict[str, Any]],
-                 target: str = "label", curves_path: str | Path | None = None) -> None:
+                 target: str = "auto", curves_path: str | Path | None = None) -> None:
         super().__init__()
         self.net = net.eval()
         self.method = method
         self.explainer = create(method, self.net, **kwargs)
         self.metrics = nn.ModuleDict(build_metrics(metrics, self.net, method, kwargs))
         self.target = check_target_mode(target)
+        self.targets = {label: metric_target(self.target, m) for label, m in self.metrics.items()}
         self.curves_path = None if curves_path is None else str(curves_path)
         self.seen = SumMetric()
 
@@ -93,12 +125,15 @@ class ExplainerEvaluation(pl.LightningModule):
 
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, y = batch["image"], batch["label"]
-        if self.target == "predicted":
+        kinds = set(self.targets.values())
+        pred = None
+        if "predicted" in kinds:
             with torch.no_grad():
-                y = self.net(x).argmax(-1)
-        attr = self.explainer.attribute(x, y)
-        for metric in self.metrics.values():
-            update_metric(metric, x=x, attr=attr, target=y, mask=batch.get("mask"), explainer=self.explainer)
+                pred = self.net(x).argmax(-1)
+        maps = explain_for_targets(self.explainer, x, y, pred, kinds)
+        for label, metric in self.metrics.items():
+            attr, target = maps[self.targets[label]]
+            update_metric(metric, x=x, attr=attr, target=target, mask=batch.get("mask"), explainer=self.explainer)
         self.seen.update(torch.tensor(float(y.shape[0]), device=x.device))
 
     def on_test_epoch_end(self) -> None:

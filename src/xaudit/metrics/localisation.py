@@ -17,6 +17,7 @@ from torch import Tensor
 from xaudit.metrics.base import XAuditMetric, check_attribution, check_mask
 from xaudit.metrics.registry import register_metric
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.ranking import content_seeds, top_k_mask
 
 
 class _LocalisationMetric(XAuditMetric):
@@ -46,24 +47,48 @@ def disc_dilate(mask: Tensor, radius: int) -> Tensor:
     return grown[:, 0] > 0.5
 
 
+def pointing_tolerance(height: int, width: int) -> int:
+    """TorchRay's pointing-game tolerance, 15 px at 224 px, scaled by the image side: round(15·max(H,W)/224)."""
+    return round(15 * max(height, width) / 224)
+
+
 @register_metric("pointing_game")
 class PointingGame(_LocalisationMetric):
     """Pointing game of Zhang et al., "Top-down neural attention by excitation backprop", ECCV 2016.
 
-    A hit when the map's maximum lies on the object, or within ``tolerance`` pixels of it as in
-    TorchRay (Fong et al., which uses 15 px at 224 px — about 7% of the side). If several pixels
-    share the maximum, the score is the fraction of them that hit (the expected hit under a random
-    tie-break), so a constant map scores chance instead of a free hit. Higher is better.
+    A hit when the map's maximum lies on the object or within ``tolerance`` pixels of it, as in
+    TorchRay (Fong et al., 2019: 15 px at 224 px); ``tolerance=None`` (default) scales that to the
+    image, round(15·max(H,W)/224) px (2 px at 32 px). If several pixels share the maximum, the
+    score is the fraction of them that hit — the exact expectation over a uniformly random
+    tie-break, so a constant map scores chance instead of a free hit. The paper explains the
+    ground-truth class. Higher is better.
     """
 
-    def __init__(self, tolerance: int = 0, **kwargs: Any) -> None:
+    paper: ClassVar[str] = "Zhang et al., ECCV 2016; tolerance of TorchRay (Fong, Patrick & Vedaldi, ICCV 2019)"
+    protocol_notes: ClassVar[tuple[str, ...]] = (
+        "several maxima: expected hit over a random choice among them (TorchRay takes one argmax)",)
+
+    def __init__(self, tolerance: int | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0:
-            raise ConfigError(f"tolerance={tolerance!r} must be an integer ≥0 (pixels).")
+        if tolerance is not None and (isinstance(tolerance, bool) or not isinstance(tolerance, int) or tolerance < 0):
+            raise ConfigError(f"tolerance={tolerance!r} must be an integer ≥0 (pixels), or null for TorchRay's "
+                              "15 px at 224 px scaled to the image.")
         self.tolerance = tolerance
 
+    def tolerance_for(self, height: int, width: int) -> int:
+        """The tolerance used on H×W images: ``tolerance``, or TorchRay's scaled 15 px."""
+        return pointing_tolerance(height, width) if self.tolerance is None else self.tolerance
+
+    def protocol_params(self, size: tuple[int, int]) -> dict[str, Any]:
+        """The tolerance as run on ``size``."""
+        return {"tolerance": self.tolerance_for(*size)}
+
+    def paper_params(self, size: tuple[int, int]) -> dict[str, Any]:
+        """TorchRay's 15 px at 224, scaled."""
+        return {"tolerance": pointing_tolerance(*size)}
+
     def _score(self, attr: Tensor, mask: Tensor, size: torch.Size) -> Tensor:
-        near = disc_dilate(mask, self.tolerance).flatten(1)
+        near = disc_dilate(mask, self.tolerance_for(*size)).flatten(1)
         top = attr == attr.amax(dim=1, keepdim=True)
         return (top & near).sum(1).double() / top.sum(1).double()
 
@@ -74,20 +99,25 @@ class MaskIoU(_LocalisationMetric):
 
     The thresholded-saliency localisation of the CAM/Grad-CAM papers, with a fixed area instead
     of a value threshold so maps on different scales compare fairly. Exactly
-    ``max(1, round(top_k·H·W))`` pixels are kept; ties break by position.
+    ``max(1, round(top_k·H·W))`` pixels are kept, in the order of :mod:`xaudit.utils.ranking`:
+    ties broken at random, seeded by ``tie_seed`` and the sample's map and mask.
     """
 
-    def __init__(self, top_k: float = 0.2, **kwargs: Any) -> None:
+    paper: ClassVar[str] = "thresholded-map localisation of CAM (Zhou et al., CVPR 2016), at a fixed area"
+    protocol_notes: ClassVar[tuple[str, ...]] = (
+        "keeps the top_k share of pixels instead of CAM's 20 %-of-max value threshold",)
+
+    def __init__(self, top_k: float = 0.2, tie_seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if isinstance(top_k, bool) or not isinstance(top_k, (int, float)) or not 0.0 < float(top_k) <= 1.0:
             raise ConfigError(f"top_k={top_k!r} must be a fraction in (0, 1] of the image's pixels.")
         self.top_k = float(top_k)
+        self.tie_seed = int(tie_seed)
 
     def _score(self, attr: Tensor, mask: Tensor, size: torch.Size) -> Tensor:
         n = attr.shape[1]
         k = max(1, round(self.top_k * n))
-        order = attr.argsort(dim=1, descending=True, stable=True)[:, :k]
-        top = torch.zeros_like(attr, dtype=torch.bool).scatter_(1, order, True)
+        top = top_k_mask(attr, k, content_seeds(attr, self.tie_seed, mask))
         m = mask.flatten(1)
         inter = (top & m).sum(1).double()
         union = (top | m).sum(1).double()
@@ -101,6 +131,8 @@ class RelevanceMass(_LocalisationMetric):
     The share of the *positive* attribution that falls inside the mask: Σ relu(a)·m / Σ relu(a).
     NaN when a map has no positive attribution. Higher is better.
     """
+
+    paper: ClassVar[str] = "Arras, Osman & Samek, CLEVR-XAI, Information Fusion 2022"
 
     def _score(self, attr: Tensor, mask: Tensor, size: torch.Size) -> Tensor:
         pos = attr.clamp_min(0).double()

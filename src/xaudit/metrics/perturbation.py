@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from xaudit.explainers.baselines import image_seeds
+from xaudit.explainers.fills import rise_kernel_size, rise_sigma
 from xaudit.metrics.base import (
     OUTPUTS,
     SUBSTRATES,
@@ -33,6 +34,7 @@ from xaudit.metrics.base import (
     target_scores,
 )
 from xaudit.metrics.registry import register_metric
+from xaudit.utils.ranking import content_seeds, pixel_ranks
 
 MODES: tuple[str, ...] = ("deletion", "insertion")
 
@@ -42,44 +44,93 @@ def step_counts(num_pixels: int, steps: int) -> Tensor:
     return torch.arange(steps + 1) * num_pixels // steps
 
 
+def rise_steps(height: int, width: int) -> int:
+    """RISE's number of steps: one image side of pixels per step (224 px per step, 224 steps, at 224²),
+    i.e. min(H, W) steps of max(H, W) pixels."""
+    return min(height, width)
+
+
+#: the substrate each mode starts from / fills in, as RISE's reference code (``CausalMetric``)
+PAPER_SUBSTRATE: dict[str, str] = {"deletion": "zero", "insertion": "blur"}
+
+
 @register_metric("deletion_insertion")
 class DeletionInsertion(ModelHolder, XAuditMetric):
     """Deletion / insertion AUC of Petsiuk et al., "RISE", BMVC 2018.
 
-    Pixels are ordered by attribution (highest first, ties by position) and, in ``steps`` equal
-    chunks, *deleted* (replaced by the substrate, starting from the image) or *inserted* (copied
-    from the image into the substrate). The curve is the explained class's softmax probability
-    after 0, 1, ..., ``steps`` chunks ([N, steps+1], see :meth:`curves`); the score is its area
-    over the perturbed fraction [0,1] by the trapezoid rule. A faithful map gives a low deletion
-    AUC (``higher_is_better=False``) and a high insertion AUC (``True``).
+    Pixels are ordered by attribution (highest first; ties broken by the seeded random priority of
+    :mod:`xaudit.utils.ranking`, seed ``tie_seed``) and, in ``steps`` equal chunks, *deleted*
+    (replaced by the substrate, starting from the image) or *inserted* (copied from the image into
+    the substrate). The curve is the explained class's softmax probability after 0, 1, ...,
+    ``steps`` chunks ([N, steps+1], see :meth:`curves`); the score is its area over the perturbed
+    fraction [0,1] by the trapezoid rule. A faithful map gives a low deletion AUC
+    (``higher_is_better=False``) and a high insertion AUC (``True``).
+
+    Defaults are RISE's protocol (reference code ``evaluation.py``), scaled to the image:
+    ``steps=None`` → min(H, W) steps of max(H, W) pixels (224 × 224 px at 224²); ``substrate=None``
+    → zeros in normalised units for deletion, RISE's blur for insertion (11×11 kernel, σ = 5 at
+    224 px, both × side/224; ``blur_sigma`` overrides σ). The explained class is the caller's
+    ``target``: RISE explains the model's top-1 class (the audit's ``target=auto`` does so).
 
     ``update(x, attr, target)``: images [B,C,H,W], attributions [B,H,W], classes [B].
     Each image costs ``steps+1`` forwards, run ``internal_batch_size`` at a time.
     """
 
+    paper: ClassVar[str] = "Petsiuk, Das & Saenko, RISE, BMVC 2018 (reference code evaluation.py)"
+    protocol_target: ClassVar[str] = "predicted"
+    protocol_notes: ClassVar[tuple[str, ...]] = (
+        "ties between equal attributions: seeded random order (RISE's code: reversed np.argsort order)",)
+
     def __init__(
         self,
         model: nn.Module,
         mode: str = "deletion",
-        steps: int = 32,
-        substrate: str = "zero",
+        steps: int | None = None,
+        substrate: str | None = None,
         internal_batch_size: int = 256,
         blur_sigma: float | None = None,
+        tie_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._hold(model)
         self.mode = check_choice(mode, MODES, "mode", "mode")
-        self.steps = check_positive_int(steps, "steps")
+        self.steps = None if steps is None else check_positive_int(steps, "steps")
+        substrate = PAPER_SUBSTRATE[self.mode] if substrate is None else substrate
         self.substrate = check_choice(substrate, SUBSTRATES, "substrate", "substrate")
         self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
         self.blur_sigma = blur_sigma
+        self.tie_seed = int(tie_seed)
         self.add_state("curve_values", default=[], dist_reduce_fx="cat")
 
     @property
     def higher_is_better(self) -> bool:  # type: ignore[override]
         """Insertion: higher is better; deletion: lower is better (read it from the instance)."""
         return self.mode == "insertion"
+
+    def steps_for(self, height: int, width: int) -> int:
+        """The steps used on H×W images: ``steps``, or RISE's min(H, W)."""
+        return rise_steps(height, width) if self.steps is None else self.steps
+
+    def protocol_params(self, size: tuple[int, int]) -> dict[str, Any]:
+        """The parameters as run on images of ``size`` (defaults resolved)."""
+        h, w = size
+        out: dict[str, Any] = {"mode": self.mode, "steps": self.steps_for(h, w), "substrate": self.substrate,
+                               "output": "prob", "tie_seed": self.tie_seed}
+        if self.substrate == "blur":
+            sigma = rise_sigma(h, w) if self.blur_sigma is None else float(self.blur_sigma)
+            out.update(blur_sigma=round(sigma, 4), blur_kernel=rise_kernel_size(sigma))
+        elif self.substrate == "gaussian":
+            out["blur_sigma"] = round(max(h, w) / 8.0 if self.blur_sigma is None else float(self.blur_sigma), 4)
+        return out
+
+    def paper_params(self, size: tuple[int, int]) -> dict[str, Any]:
+        """RISE's values scaled to ``size``: max(H,W) px per step, zeros / the 11×11 σ=5 blur at 224 px."""
+        h, w = size
+        out: dict[str, Any] = {"steps": rise_steps(h, w), "substrate": PAPER_SUBSTRATE[self.mode], "output": "prob"}
+        if self.mode == "insertion":
+            out.update(blur_sigma=round(rise_sigma(h, w), 4), blur_kernel=rise_kernel_size(rise_sigma(h, w)))
+        return out
 
     def update(self, x: Tensor, attr: Tensor, target: Tensor) -> None:
         """Add the AUCs (and curves) of one batch."""
@@ -88,35 +139,38 @@ class DeletionInsertion(ModelHolder, XAuditMetric):
         check_attribution(attr, name, x=x)
         check_target(target, x.shape[0], name)
         h, w = x.shape[-2:]
-        if self.steps > h * w:
-            raise ValueError(f"{name}: steps={self.steps} exceeds the {h}x{w}={h * w} pixels of the images; "
+        steps = self.steps_for(h, w)
+        if steps > h * w:
+            raise ValueError(f"{name}: steps={steps} exceeds the {h}x{w}={h * w} pixels of the images; "
                              f"use steps ≤{h * w}.")
-        curves = self._curves(x, attr.to(x.device), target.to(x.device))
+        curves = self._curves(x, attr.to(x.device), target.to(x.device), steps)
         # the area in the curves' dtype (≥ float32): a float64 model's AUC is integrated in float64
-        fractions = self.fractions(h * w, device=curves.device).to(curves.dtype)
+        fractions = self.fractions(h * w, device=curves.device, steps=steps).to(curves.dtype)
         self.curve_values.append(curves)
         self._add_values(torch.trapezoid(curves, fractions, dim=1))
 
-    def _curves(self, x: Tensor, attr: Tensor, target: Tensor) -> Tensor:
+    def _curves(self, x: Tensor, attr: Tensor, target: Tensor, steps: int) -> Tensor:
         b, _, h, w = x.shape
         with evaluating(self.model):
             substrate = make_substrate(x, self.substrate, self.blur_sigma)
             start, finish = (x, substrate) if self.mode == "deletion" else (substrate, x)
-            order = attr.reshape(b, -1).argsort(dim=1, descending=True, stable=True)
-            rank = torch.empty_like(order)
-            rank.scatter_(1, order, torch.arange(h * w, device=x.device).expand(b, -1))
-            counts = step_counts(h * w, self.steps).to(x.device)
+            rank = pixel_ranks(attr, content_seeds(x, self.tie_seed))
+            counts = step_counts(h * w, steps).to(x.device)
 
             def build(s0: int, s1: int, t0: int, t1: int) -> Tensor:
                 # pixel p of image s is taken from `finish` from the step where its rank < count
                 taken = (rank[s0:s1, None, :] < counts[None, t0:t1, None]).view(s1 - s0, t1 - t0, 1, h, w)
                 return torch.where(taken, finish[s0:s1, None], start[s0:s1, None]).flatten(0, 1)
 
-            return blockwise_scores(self.model, b, self.steps + 1, build, target, self.internal_batch_size)
+            return blockwise_scores(self.model, b, steps + 1, build, target, self.internal_batch_size)
 
-    def fractions(self, num_pixels: int, device: torch.device | None = None) -> Tensor:
-        """The perturbed fraction of the image at each curve point: [steps+1] from 0 to 1."""
-        return (step_counts(num_pixels, self.steps).double() / num_pixels).to(device=device, dtype=torch.float32)
+    def fractions(self, num_pixels: int, device: torch.device | None = None, steps: int | None = None) -> Tensor:
+        """The perturbed fraction of the image at each curve point: [steps+1] from 0 to 1 (``steps``:
+        the steps used, default ``self.steps``)."""
+        steps = self.steps if steps is None else steps
+        if steps is None:
+            raise ValueError("fractions: steps=None (RISE's min(H, W)) needs the image size; pass steps=.")
+        return (step_counts(num_pixels, steps).double() / num_pixels).to(device=device, dtype=torch.float32)
 
     def curves(self) -> Tensor:
         """Per-sample probability curves [N, steps+1] (for plots), in the order of ``per_sample``."""
@@ -189,6 +243,9 @@ class FaithfulnessCorrelation(ModelHolder, XAuditMetric):
     """
 
     higher_is_better: ClassVar[bool] = True
+    paper: ClassVar[str] = "Bhatt, Weller & Moura, IJCAI 2020"
+    protocol_notes: ClassVar[tuple[str, ...]] = (
+        "the paper fixes no image defaults; Quantus uses subset_size=224 and the logit",)
 
     def __init__(
         self,

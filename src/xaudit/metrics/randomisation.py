@@ -148,6 +148,7 @@ class SanityCheck(ModelHolder, XAuditMetric):
     """
 
     higher_is_better: ClassVar[bool] = False
+    paper: ClassVar[str] = "Adebayo et al., Sanity checks for saliency maps, NeurIPS 2018"
 
     def __init__(
         self,

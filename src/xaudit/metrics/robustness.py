@@ -127,6 +127,8 @@ def _by_max(maps: Tensor) -> Tensor:
 class MaxSensitivity(_Robustness):
     """Max relative change of the map under uniform noise of radius ``radius`` (Yeh et al., 2019)."""
 
+    paper: ClassVar[str] = "Yeh et al., On the (in)fidelity and sensitivity of explanations, NeurIPS 2019"
+
     def __init__(self, model: nn.Module, radius: float = 0.05, n: int = 10, seed: int = 0,
                  internal_batch_size: int = 64, normalise: bool = False, **kwargs: Any) -> None:
         super().__init__(model, n=n, seed=seed, internal_batch_size=internal_batch_size, normalise=normalise,
@@ -147,6 +149,8 @@ class LocalLipschitz(_Robustness):
     ``normalise=True`` (default): maps are divided by their max |Φ| first, so methods whose maps
     differ in scale (gradients, [0, 1] masks, relevances in logit units) are compared fairly.
     """
+
+    paper: ClassVar[str] = "Alvarez-Melis & Jaakkola, On the robustness of interpretability methods, 2018"
 
     def __init__(self, model: nn.Module, sigma: float = 0.1, n: int = 10, seed: int = 0,
                  internal_batch_size: int = 64, normalise: bool = True, **kwargs: Any) -> None:

@@ -2,7 +2,9 @@
 
 Everything is rebuilt from the finished cells of ``results.jsonl`` (the source of truth), so a
 report written after a resumed or multirun sweep shows every cell, and rewriting it is safe.
-Files are written atomically.
+Files are written atomically. ROAR/KAR: results.csv holds one row per method × fraction (mean,
+sample std and 95 % t-interval over the seeds, the Welch interval of the difference to the
+``random`` control, the better-than-random decision); cells.csv one row per retrained model.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xaudit.reporting.protocol import card_html, card_markdown, read_card
 from xaudit.roar.masking import MODES as RETRAIN_MODES
 from xaudit.roar.runner import BASELINE
 from xaudit.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -24,30 +27,154 @@ from xaudit.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_
 CONTROLS = ("random", "sobel")
 
 
+# -- statistics ----------------------------------------------------------------------------------
+#: two-sided level of every interval in the ROAR/KAR report
+LEVEL = 0.95
+#: results.csv of a ROAR/KAR audit: one row per (method, fraction)
+POINT_COLUMNS = ("method", "fraction", "seeds", "test_acc_mean", "test_acc_std", "ci95_low", "ci95_high",
+                 "diff_vs_random", "diff_ci95_low", "diff_ci95_high", "better_than_random")
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta function (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return front * _betacf(a, b, x) / a
+    return 1.0 - front * _betacf(b, a, 1.0 - x) / b
+
+
+def t_cdf(t: float, df: float) -> float:
+    """P(T ≤ t) of Student's t with ``df`` (> 0, not necessarily whole) degrees of freedom."""
+    tail = 0.5 * _betainc(df / 2.0, 0.5, df / (df + t * t))
+    return 1.0 - tail if t > 0 else tail
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Student t quantile (scipy.stats.t.ppf without scipy, which is not a dependency): bisection on
+    :func:`t_cdf`, exact to ~1e-10; ``df`` may be fractional (Welch)."""
+    if not 0.0 < p < 1.0 or not df > 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1.0 - p, df)
+    lo, hi = 0.0, 1.0
+    while t_cdf(hi, df) < p:
+        lo, hi = hi, 2.0 * hi
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if t_cdf(mid, df) < p:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-12 * max(1.0, hi):
+            break
+    return 0.5 * (lo + hi)
+
+
+def mean_interval(values: Sequence[float], level: float = LEVEL) -> dict[str, float | int]:
+    """n, mean, sample std (ddof=1) and the Student-t interval of the mean of ``values``
+    (None/NaN dropped). std and the interval are NaN below two values: one retraining says
+    nothing about how much retrainings vary."""
+    vals = [float(v) for v in values if v is not None and not math.isnan(v)]
+    n = len(vals)
+    nan = float("nan")
+    if n == 0:
+        return {"n": 0, "mean": nan, "std": nan, "low": nan, "high": nan}
+    mean = statistics.fmean(vals)
+    if n == 1:
+        return {"n": 1, "mean": mean, "std": nan, "low": nan, "high": nan}
+    std = statistics.stdev(vals)
+    half = t_quantile(0.5 + level / 2.0, n - 1) * std / math.sqrt(n)
+    return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half}
+
+
+def welch_interval(a: Sequence[float], b: Sequence[float],
+                   level: float = LEVEL) -> tuple[float, float, float]:
+    """mean(a) − mean(b) and its Welch interval (unequal variances, Welch–Satterthwaite df).
+
+    NaN bounds when either side has fewer than two values; zero spread on both sides gives the
+    degenerate interval [diff, diff]."""
+    sa, sb = mean_interval(a, level), mean_interval(b, level)
+    diff = sa["mean"] - sb["mean"]
+    if sa["n"] < 2 or sb["n"] < 2:
+        return diff, float("nan"), float("nan")
+    va, vb = sa["std"] ** 2 / sa["n"], sb["std"] ** 2 / sb["n"]
+    if va + vb == 0.0:
+        return diff, diff, diff
+    df = (va + vb) ** 2 / (va**2 / (sa["n"] - 1) + vb**2 / (sb["n"] - 1))
+    half = t_quantile(0.5 + level / 2.0, df) * math.sqrt(va + vb)
+    return diff, diff - half, diff + half
+
+
+def better_than_random(mode: str, low: float, high: float) -> bool:
+    """Hooker et al.'s test: ROAR — removing the method's pixels lowers accuracy more than removing
+    random ones (the interval of method − random lies below 0); KAR — keeping them keeps more
+    (the interval lies above 0)."""
+    return high < 0.0 if mode == "roar" else low > 0.0
+
+
 # -- tables --------------------------------------------------------------------------------------
-def _mean_std(values: Sequence[float]) -> tuple[float, float]:
-    vals = [v for v in values if v is not None and not math.isnan(v)]
-    if not vals:
-        return float("nan"), float("nan")
-    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-
-def retrain_summary(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, fraction): mean/std test accuracy over seeds; the baseline is every method's 0 %."""
-    base = [c for c in cells if c["method"] == BASELINE]
+def _accuracies(cells: Sequence[dict[str, Any]]) -> dict[str, dict[float, list[float]]]:
+    """method → fraction → test accuracies (one per seed); the baseline is every method's 0 %."""
+    base = [c["test_acc"] for c in cells if c["method"] == BASELINE]
     methods = sorted({c["method_key"] for c in cells if c["method"] != BASELINE},
                      key=lambda m: (m in CONTROLS, m))
-    rows: list[dict[str, Any]] = []
+    out: dict[str, dict[float, list[float]]] = {}
     for m in methods:
-        groups: dict[float, list[float]] = {}
-        if base:
-            groups[0.0] = [c["test_acc"] for c in base]
+        groups: dict[float, list[float]] = {0.0: list(base)} if base else {}
         for c in cells:
-            if c["method_key"] == m:
+            if c["method_key"] == m and c["method"] != BASELINE:
                 groups.setdefault(float(c["fraction"]), []).append(c["test_acc"])
-        for f in sorted(groups):
-            mean, std = _mean_std(groups[f])
-            rows.append({"method": m, "fraction": f, "test_acc": mean, "test_acc_std": std, "seeds": len(groups[f])})
+        out[m] = dict(sorted(groups.items()))
+    return out
+
+
+def retrain_summary(cells: Sequence[dict[str, Any]], mode: str = "roar") -> list[dict[str, Any]]:
+    """One row per (method, fraction) with the :data:`POINT_COLUMNS` (results.csv of ROAR/KAR).
+
+    test_acc over the seeds: mean, sample std, 95 % t-interval of the mean; vs the ``random``
+    control at the same fraction: difference of means with its 95 % Welch interval and
+    ``better_than_random`` (``mode`` decides the side): "yes"/"no"; "n/a" where either side has
+    one seed (no interval); "" for the random control itself and for the shared 0 % baseline.
+    """
+    acc = _accuracies(cells)
+    rand = acc.get("random", {})
+    rows: list[dict[str, Any]] = []
+    for m, groups in acc.items():
+        for f, vals in groups.items():
+            st = mean_interval(vals)
+            row: dict[str, Any] = {"method": m, "fraction": f, "seeds": st["n"], "test_acc_mean": st["mean"],
+                                   "test_acc_std": st["std"], "ci95_low": st["low"], "ci95_high": st["high"],
+                                   "diff_vs_random": float("nan"), "diff_ci95_low": float("nan"),
+                                   "diff_ci95_high": float("nan"), "better_than_random": ""}
+            if m != "random" and f > 0.0 and f in rand:
+                diff, lo, hi = welch_interval(vals, rand[f])
+                row.update(diff_vs_random=diff, diff_ci95_low=lo, diff_ci95_high=hi,
+                           better_than_random="n/a" if math.isnan(lo) else
+                           ("yes" if better_than_random(mode, lo, hi) else "no"))
+            rows.append(row)
     return rows
 
 
@@ -73,45 +200,109 @@ def _noise_margin(acc: float, n: int) -> float:
     return max(0.01, 2.0 * math.sqrt(max(acc * (1.0 - acc), 1e-12) / n))
 
 
+def _pm(row: dict[str, Any], digits: int = 3) -> str:
+    """``mean ± std`` (just the mean where one seed leaves the std undefined)."""
+    if math.isnan(row["test_acc_std"]):
+        return f"{row['test_acc_mean']:.{digits}f}"
+    return f"{row['test_acc_mean']:.{digits}f} ± {row['test_acc_std']:.{digits}f}"
+
+
+def _ci(low: float, high: float, digits: int = 3, signed: bool = False) -> str:
+    fmt = f"{'+' if signed else ''}.{digits}f"
+    return f"[{low:{fmt}}, {high:{fmt}}]"
+
+
+def retrain_findings(mode: str, cells: Sequence[dict[str, Any]]) -> list[str]:
+    """ROAR/KAR in words: the seeds behind each point, the baseline and the random control with
+    their intervals, and per fraction which methods beat random (difference, 95 % Welch interval)."""
+    out: list[str] = []
+    rows = retrain_summary(cells, mode)
+    if not rows:
+        return out
+    seeds = sorted({r["seeds"] for r in rows})
+    n_txt = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    if seeds[-1] >= 2:
+        out.append(f"Each point: test accuracy of {n_txt} retrained models (one per seed), mean ± sample std and "
+                   f"the {LEVEL:.0%} interval of the mean (Student t, [low, high]); a method is better than random "
+                   f"when the {LEVEL:.0%} Welch interval of its difference to the random control excludes 0 on the "
+                   f"{'negative (accuracy lower)' if mode == 'roar' else 'positive (accuracy higher)'} side "
+                   "(Hooker et al., 2019: 5 seeds, roar.seed=[0,1,2,3,4]).")
+    if seeds[0] < 2:
+        out.append(f"{'Every point has' if seeds[-1] < 2 else 'Some points have'} one seed: a single retraining gives "
+                   "no interval (std and CI n/a), so differences to random are judged only against the test "
+                   "set's binomial noise margin (two standard errors), which ignores how much retraining varies. "
+                   "Run roar.seed=[0,1,2] (Hooker et al.: roar.seed=[0,1,2,3,4]).")
+    base = next((r for r in rows if r["fraction"] == 0.0), None)
+    if base is not None:
+        txt = f"Unmasked baseline: test accuracy {_pm(base)}"
+        if base["seeds"] >= 2:
+            txt += f", {LEVEL:.0%} CI {_ci(base['ci95_low'], base['ci95_high'])} ({base['seeds']} seeds)"
+        out.append(txt + ".")
+    counts: dict[float, int] = {}
+    for c in cells:
+        if c.get("method_key") == "random":
+            counts[float(c["fraction"])] = int(c.get("test_count") or 0)
+    verb, other = ("lower", "higher") if mode == "roar" else ("higher", "lower")
+    for f in sorted({r["fraction"] for r in rows if r["fraction"] > 0}):
+        at = {r["method"]: r for r in rows if r["fraction"] == f}
+        parts = ", ".join(f"{m} {_pm(r)}" for m, r in sorted(at.items(), key=lambda kv: kv[1]["test_acc_mean"]))
+        txt = (f"Removing {f:.0%}: {parts}." if mode == "roar"
+               else f"Removing the least important {f:.0%} (keeping {1 - f:.0%}): {parts}.")
+        rnd = at.get("random")
+        if rnd is None:
+            out.append(txt)
+            continue
+        if rnd["seeds"] >= 2:
+            txt += f" Random control {LEVEL:.0%} CI {_ci(rnd['ci95_low'], rnd['ci95_high'])} ({rnd['seeds']} seeds)."
+        better, unclear, worse, single = [], [], [], []
+        for m, r in at.items():
+            if m == "random":
+                continue
+            if r["better_than_random"] == "n/a":
+                single.append(m)
+                continue
+            shown = f"{m} {r['diff_vs_random']:+.3f} {_ci(r['diff_ci95_low'], r['diff_ci95_high'], signed=True)}"
+            if r["better_than_random"] == "yes":
+                better.append(shown)
+            elif better_than_random("kar" if mode == "roar" else "roar", r["diff_ci95_low"], r["diff_ci95_high"]):
+                worse.append(shown)
+            else:
+                unclear.append(shown)
+        if better:
+            txt += (f" Better than random (accuracy {verb}; difference to random with its {LEVEL:.0%} Welch "
+                    f"interval): {', '.join(better)}.")
+        if unclear:
+            txt += f" Not distinguishable from random (the interval contains 0): {', '.join(unclear)}."
+        if worse:
+            txt += f" Worse than random (accuracy clearly {other}): {', '.join(worse)}."
+        if single:
+            margin = _noise_margin(rnd["test_acc_mean"], counts.get(f, 0))
+            ahead = [m for m in single if (at[m]["test_acc_mean"] < rnd["test_acc_mean"] - margin if mode == "roar"
+                                           else at[m]["test_acc_mean"] > rnd["test_acc_mean"] + margin)]
+            behind = [m for m in single if m not in ahead]
+            txt += f" One seed, no interval (binomial test-set margin ±{margin:.3f} only):"
+            if ahead:
+                txt += f" accuracy {verb} than random: {', '.join(ahead)};"
+            if behind:
+                txt += f" within the margin or {other}: {', '.join(behind)};"
+            txt = txt.rstrip(";") + "."
+        out.append(txt)
+    for m in dict.fromkeys(r["method"] for r in rows):
+        curve = sorted((r["fraction"], r["test_acc_mean"]) for r in rows if r["method"] == m and r["fraction"] > 0)
+        rises = [(a, b) for (a, va), (b, vb) in itertools.pairwise(curve) if vb > va + 0.05]
+        if rises:
+            a, b = rises[0]
+            out.append(f"{m}: accuracy rises from {a:.0%} to {b:.0%} removed — the removal pattern itself "
+                       "reveals the class (the retrained model reads the shape of the mask), a known ROAR "
+                       "caveat; compare methods at the smaller fractions.")
+    return out
+
+
 def findings(mode: str, cells: Sequence[dict[str, Any]]) -> list[str]:
     """Plain-language statements of what the numbers show."""
     out: list[str] = []
     if mode in RETRAIN_MODES:
-        rows = retrain_summary(cells)
-        base = [r for r in rows if r["fraction"] == 0.0]
-        if base:
-            out.append(f"Unmasked baseline: test accuracy {base[0]['test_acc']:.3f}.")
-        fractions = sorted({r["fraction"] for r in rows if r["fraction"] > 0})
-        counts: dict[float, int] = {}
-        for c in cells:
-            if c.get("method_key") == "random":
-                counts[float(c["fraction"])] = counts.get(float(c["fraction"]), 0) + int(c.get("test_count") or 0)
-        for f in fractions:
-            at = {r["method"]: r["test_acc"] for r in rows if r["fraction"] == f}
-            if "random" not in at:
-                continue
-            verb = "lower" if mode == "roar" else "higher"
-            margin = _noise_margin(at["random"], counts.get(f, 0))
-            better = [m for m, v in at.items() if m != "random" and (v < at["random"] - margin if mode == "roar"
-                                                                     else v > at["random"] + margin)]
-            worse = [m for m in at if m not in better and m != "random"]
-            parts = ", ".join(f"{m} {v:.3f}" for m, v in sorted(at.items(), key=lambda kv: kv[1]))
-            txt = f"{'Removing' if mode == 'roar' else 'Keeping only'} {f:.0%}: {parts}."
-            if mode == "kar":
-                txt = f"Removing the least important {f:.0%} (keeping {1 - f:.0%}): {parts}."
-            if better:
-                txt += f" Accuracy {verb} than with random pixels (more informative than random): {', '.join(better)}."
-            if worse:
-                txt += f" Not clearly better than random (within {margin:.3f}): {', '.join(worse)}."
-            out.append(txt)
-        for m in dict.fromkeys(r["method"] for r in rows):
-            curve = sorted((r["fraction"], r["test_acc"]) for r in rows if r["method"] == m and r["fraction"] > 0)
-            rises = [(a, b) for (a, va), (b, vb) in itertools.pairwise(curve) if vb > va + 0.05]
-            if rises:
-                a, b = rises[0]
-                out.append(f"{m}: accuracy rises from {a:.0%} to {b:.0%} removed — the removal pattern itself "
-                           "reveals the class (the retrained model reads the shape of the mask), a known ROAR "
-                           "caveat; compare methods at the smaller fractions.")
+        out = retrain_findings(mode, cells)
     else:
         labels, rows = evaluate_summary(cells)
         model = [c for c in cells if c["method"] == "model"]
@@ -152,17 +343,35 @@ def save_figure(fig: Any, path: Path) -> Path:
 
 
 def plot_retrain(mode: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Test accuracy vs fraction removed, one line per method (error bars: std over seeds)."""
+    """Mean test accuracy vs fraction removed, one line per method (rows of :func:`retrain_summary`).
+
+    Error bars: the 95 % t-interval of the mean over seeds; the random control's interval is also
+    a shaded band, so a method whose bars clear the band is visibly better (or worse) than random.
+    One seed: no bars (a single retraining has no interval), said in the title."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for m in dict.fromkeys(r["method"] for r in rows):
         pts = [r for r in rows if r["method"] == m]
-        style = "--" if m in ("random", "sobel") else "-"
-        ax.errorbar([100 * r["fraction"] for r in pts], [r["test_acc"] for r in pts],
-                    yerr=[r["test_acc_std"] for r in pts], label=m, marker="o", linestyle=style, capsize=3)
+        xs = [100 * r["fraction"] for r in pts]
+        ys = [r["test_acc_mean"] for r in pts]
+        defined = [not math.isnan(r["ci95_low"]) for r in pts]
+        yerr = [[y - r["ci95_low"] if ok else 0.0 for y, r, ok in zip(ys, pts, defined)],
+                [r["ci95_high"] - y if ok else 0.0 for y, r, ok in zip(ys, pts, defined)]]
+        style = "--" if m in CONTROLS else "-"
+        line = ax.errorbar(xs, ys, yerr=yerr if any(defined) else None, label=m, marker="o", linestyle=style,
+                           capsize=3)
+        if m == "random" and any(defined):
+            band = [(x, r["ci95_low"], r["ci95_high"]) for x, r, ok in zip(xs, pts, defined) if ok]
+            ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
+                            color=line.lines[0].get_color(), alpha=0.15, label=f"random {LEVEL:.0%} CI")
+    seeds = sorted({r["seeds"] for r in rows})
+    n_txt = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
+    bars = (f"bars: {LEVEL:.0%} CI of the mean over {n_txt} seeds" if seeds and seeds[-1] >= 2
+            else "1 seed: no interval")
     ax.set_xlabel("% of pixels removed (" + ("most" if mode == "roar" else "least") + " important first)")
-    ax.set_ylabel("test accuracy after retraining")
-    ax.set_title(f"{mode.upper()}: accuracy vs fraction removed")
+    ax.set_ylabel(f"test accuracy after retraining (mean, {LEVEL:.0%} CI)" if seeds and seeds[-1] >= 2
+                  else "test accuracy after retraining")
+    ax.set_title(f"{mode.upper()}: accuracy vs fraction removed ({bars})")
     ax.grid(alpha=0.3)
     ax.legend()
     return save_figure(fig, path)
@@ -224,6 +433,11 @@ def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN → None (strict JSON has no NaN)."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+
+
 def _flat(cell: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in cell.items():
@@ -237,17 +451,19 @@ def _flat(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def summary_table(mode: str, cells: Sequence[dict[str, Any]]) -> tuple[list[str], list[list[Any]]]:
-    """The report's main table: methods × fractions (ROAR/KAR) or methods × metrics (evaluate)."""
+    """The report's main table: methods × fractions (ROAR/KAR: "mean ± std [95 % CI]" per cell) or
+    methods × metrics (evaluate)."""
     if mode in RETRAIN_MODES:
-        rows = retrain_summary(cells)
+        # a cell: "mean ± std [95 % CI]" over the seeds; the mean alone where one seed gives no interval
+        rows = retrain_summary(cells, mode)
         fractions = sorted({r["fraction"] for r in rows})
         methods = list(dict.fromkeys(r["method"] for r in rows))
-        seeds = max((r["seeds"] for r in rows), default=1)
         header = ["method", *[f"{f:.0%}" for f in fractions]]
         table = []
         for m in methods:
             at = {r["fraction"]: r for r in rows if r["method"] == m}
-            table.append([m, *[(f"{at[f]['test_acc']:.4f}" + (f" ± {at[f]['test_acc_std']:.4f}" if seeds > 1 else ""))
+            table.append([m, *[(_pm(at[f], 4) + ("" if math.isnan(at[f]["ci95_low"])
+                                                 else " " + _ci(at[f]["ci95_low"], at[f]["ci95_high"], 4)))
                                if f in at else "—" for f in fractions]])
         return header, table
     labels, rows = evaluate_summary(cells)
@@ -265,10 +481,11 @@ def write_report(directory: str | Path, mode: str, cells: Sequence[dict[str, Any
     cells = sorted(cells, key=lambda c: c["cell"])
     header, table = summary_table(mode, cells)
     plots: list[tuple[str, Path]] = []
+    points: list[dict[str, Any]] | None = None
     if mode in RETRAIN_MODES:
-        rows = retrain_summary(cells)
-        if rows:
-            plots.append(("Accuracy vs fraction removed", plot_retrain(mode, rows, d / f"{mode}_accuracy.png")))
+        points = retrain_summary(cells, mode)
+        if points:
+            plots.append(("Accuracy vs fraction removed", plot_retrain(mode, points, d / f"{mode}_accuracy.png")))
     else:
         labels, rows = evaluate_summary(cells)
         if rows and labels:
@@ -276,38 +493,55 @@ def write_report(directory: str | Path, mode: str, cells: Sequence[dict[str, Any
         curve = plot_curves(cells, d / "evaluate_curves.png")
         if curve is not None:
             plots.append(("Deletion / insertion curves", curve))
-    return write_tables_report(d, mode, cells, meta, header, table, plots, findings(mode, cells))
+    return write_tables_report(d, mode, cells, meta, header, table, plots, findings(mode, cells), points=points)
+
+
+def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns or dict.fromkeys(k for row in rows for k in row)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
 
 
 def write_tables_report(directory: Path, mode: str, cells: Sequence[dict[str, Any]], meta: dict[str, Any],
                         header: Sequence[str], table: Sequence[Sequence[Any]], plots: Sequence[tuple[str, Path]],
-                        facts: Sequence[str]) -> dict[str, Path]:
-    """results.csv (one row per cell), results.json, report.md and report.html with the plots."""
+                        facts: Sequence[str], points: Sequence[dict[str, Any]] | None = None) -> dict[str, Path]:
+    """results.csv, results.json, report.md and report.html with the plots.
+
+    results.csv holds one row per cell; with ``points`` (ROAR/KAR: :func:`retrain_summary`) it holds
+    those per-point statistics instead (also under "points" in results.json) and the per-cell rows
+    go to cells.csv, so the file a reader opens first shows mean, std and intervals over seeds.
+    """
     d = Path(directory)
     paths: dict[str, Path] = {}
     flat = [_flat(c) for c in cells]
-    columns = list(dict.fromkeys(k for row in flat for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(flat)
     paths["csv"] = d / "results.csv"
-    atomic_write_text(paths["csv"], buf.getvalue())
+    atomic_write_text(paths["csv"], _csv_text(flat) if points is None else
+                      _csv_text([{k: round(v, 6) if isinstance(v, float) else v for k, v in r.items()} for r in points],
+                                POINT_COLUMNS))
+    if points is not None:
+        paths["cells_csv"] = d / "cells.csv"
+        atomic_write_text(paths["cells_csv"], _csv_text(flat))
     paths["json"] = d / "results.json"
     atomic_write_json(paths["json"], {"mode": mode, "meta": meta, "cells": list(cells),
                                       "summary": {"header": list(header), "rows": [list(r) for r in table]},
-                                      "findings": list(facts)})
+                                      "findings": list(facts),
+                                      **({} if points is None else {"points": [_json_safe(r) for r in points]})})
     for i, (_, p) in enumerate(plots):
         paths[f"plot{i}"] = p
     meta_rows = [[k, v] for k, v in meta.items()]
     md = [f"# xaudit {mode} report", "", _md_table(["", ""], meta_rows), "", "## Results", "",
           _md_table(header, table), "", "## Findings", "", *[f"- {f}" for f in facts], ""]
+    card = read_card(d)  # the protocol card (every metric's parameters, paper, deviations)
+    if card:
+        md += [card_markdown(card)]
     md += [f"![{t}]({p.name})\n" for t, p in plots]
     paths["md"] = d / "report.md"
     atomic_write_text(paths["md"], "\n".join(md))
     body = [f"<h1>xaudit {html.escape(mode)} report</h1>", _html_table(["", ""], meta_rows), "<h2>Results</h2>",
             _html_table(header, table), "<h2>Findings</h2><ul>",
-            *[f"<li>{html.escape(f)}</li>" for f in facts], "</ul>",
+            *[f"<li>{html.escape(f)}</li>" for f in facts], "</ul>", card_html(card) if card else "",
             *[f"<h3>{html.escape(t)}</h3><img src='{html.escape(p.name)}' alt='{html.escape(t)}'>" for t, p in plots]]
     style = ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}img{max-width:100%}</style>")
@@ -315,6 +549,11 @@ def write_tables_report(directory: Path, mode: str, cells: Sequence[dict[str, An
     atomic_write_text(paths["html"], f"<!doctype html><html><head><meta charset='utf-8'><title>xaudit {mode}"
                                      f"</title>{style}</head><body>{''.join(body)}</body></html>\n")
     return paths
+
+
+def _wandb_value(v: Any) -> Any:
+    """NaN → None: a W&B table cell without a value."""
+    return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def log_report(loggers: Sequence[Any], mode: str, cells: Sequence[dict[str, Any]], paths: dict[str, Path],
@@ -330,11 +569,14 @@ def log_report(loggers: Sequence[Any], mode: str, cells: Sequence[dict[str, Any]
             cols = list(dict.fromkeys(k for row in flat for k in row))
             payload[f"audit/{mode}/cells"] = wandb.Table(columns=cols, data=[[row.get(k) for k in cols] for row in flat])
             if mode in RETRAIN_MODES:
-                rows = retrain_summary(cells)
+                rows = retrain_summary(cells, mode)
+                # the per-point statistics of results.csv (mean, std, intervals, vs random)
+                payload[f"audit/{mode}/points"] = wandb.Table(
+                    columns=list(POINT_COLUMNS), data=[[_wandb_value(r[k]) for k in POINT_COLUMNS] for r in rows])
                 methods = list(dict.fromkeys(r["method"] for r in rows))
                 fractions = sorted({r["fraction"] for r in rows})
-                ys = [[next((r["test_acc"] for r in rows if r["method"] == m and r["fraction"] == f), float("nan"))
-                       for f in fractions] for m in methods]
+                ys = [[next((r["test_acc_mean"] for r in rows if r["method"] == m and r["fraction"] == f),
+                            float("nan")) for f in fractions] for m in methods]
                 payload[f"audit/{mode}/accuracy_vs_fraction"] = wandb.plot.line_series(
                     xs=fractions, ys=ys, keys=methods, title=f"{mode.upper()} accuracy vs fraction removed",
                     xname="fraction removed")
@@ -345,8 +587,13 @@ def log_report(loggers: Sequence[Any], mode: str, cells: Sequence[dict[str, Any]
         elif hasattr(lg, "log_metrics") and mode in (*RETRAIN_MODES, "evaluate"):
             scalars: dict[str, float] = {}
             if mode in RETRAIN_MODES:
-                for r in retrain_summary(cells):
-                    scalars[f"audit/{mode}/{r['method']}/{r['fraction']:g}"] = float(r["test_acc"])
+                for r in retrain_summary(cells, mode):
+                    key = f"audit/{mode}/{r['method']}/{r['fraction']:g}"
+                    scalars[key] = float(r["test_acc_mean"])
+                    for col in ("test_acc_std", "ci95_low", "ci95_high", "diff_vs_random", "diff_ci95_low",
+                                "diff_ci95_high"):
+                        if not math.isnan(r[col]):
+                            scalars[f"{key}/{col}"] = float(r[col])
             else:
                 labels, rows = evaluate_summary(cells)
                 for r in rows:

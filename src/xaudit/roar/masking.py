@@ -4,9 +4,10 @@ Hooker et al., "A Benchmark for Interpretability Methods in Deep Neural Networks
 ROAR removes the top ``fraction`` of pixels by attribution, KAR (keep and retrain) removes the
 bottom ``fraction``; both replace them by the per-channel dataset mean and retrain.
 
-Exactly ``round(fraction · H · W)`` pixels are removed in every image. Ties (flat maps, half
-precision) are broken by a random priority that depends only on ``tie_seed`` and the image's
-position, never by pixel position: a position tie-break would remove the top-left first, which
+Exactly ``round(fraction · H · W)`` pixels are removed in every image, in the order of the one
+ranking every metric uses (:mod:`xaudit.utils.ranking`). Ties (flat maps, half precision) are
+broken by a random priority that depends only on ``tie_seed`` and the image's position, never
+by pixel position: a position tie-break would remove the top-left first, which
 is itself a (spurious) signal the retrained model could use.
 """
 
@@ -17,6 +18,8 @@ import torch
 from torch import Tensor
 
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.ranking import order_key as _order_key
+from xaudit.utils.ranking import pixel_ranks, splitmix, tie_priority  # noqa: F401  (re-exported)
 
 MODES: tuple[str, ...] = ("roar", "kar")
 
@@ -39,28 +42,6 @@ def check_fractions(fractions: object) -> list[float]:
     return sorted(set(values))
 
 
-_MIX = (-7046029254386353131, -4658895280553007687, -7723592293110705685)  # splitmix64 constants (int64)
-
-
-def tie_priority(seeds: Tensor, p: int) -> Tensor:
-    """Random tie-break keys int64 [N, p]: a splitmix64 hash of (image seed, pixel), on ``seeds``' device.
-
-    A counter-based hash, not a generator: each image's keys depend only on its own seed, the
-    whole batch is one vectorised computation (no per-image loop) and CPU and CUDA agree bit for
-    bit (int64 arithmetic wraps the same way on both).
-    """
-    return _splitmix(seeds.long()[:, None], torch.arange(p, device=seeds.device)[None, :])
-
-
-def _splitmix(seeds: Tensor, pixels: Tensor) -> Tensor:
-    """The hash of :func:`tie_priority` for broadcastable (seed, pixel) tensors."""
-    x = seeds * _MIX[0] + pixels * _MIX[2]
-    for c in (_MIX[1], _MIX[2]):
-        x = x ^ ((x >> 31) & 0x1FFFFFFFF)  # logical shift of the 64-bit pattern
-        x = x * c
-    return x ^ ((x >> 29) & 0x7FFFFFFFF)
-
-
 def _positions(n: int, offset: int, positions: Tensor | None, device: torch.device) -> Tensor:
     """Dataset position of each of ``n`` images, long [n] on ``device``: ``positions``, or
     ``offset + arange(n)``."""
@@ -73,33 +54,20 @@ def _image_seeds(n: int, tie_seed: int, offset: int, positions: Tensor | None, d
 
 
 def order_key(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: Tensor | None = None) -> Tensor:
-    """Composite int64 sort key [N, H·W]: ascending key = most important first (ties seeded at random).
-
-    The attribution's float32 bits made monotonic (descending), then the tie priority's low 32
-    bits (ascending); ``+ 0.0`` makes -0.0 tie with 0.0. ``positions``/``offset``: see
-    :func:`removal_order`.
-    """
+    """:func:`xaudit.utils.ranking.order_key` with ROAR's image seeds (dataset position + ``tie_seed``)."""
     n = attr.shape[0]
-    flat = attr.reshape(n, -1).float()
-    prio = tie_priority(_image_seeds(n, tie_seed, offset, positions, flat.device), flat.shape[1])
-    bits = (flat + 0.0).view(torch.int32).long()
-    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # monotonic in the float value
-    return (-ordered) * (1 << 32) + (prio & 0xFFFFFFFF)
+    return _order_key(attr, _image_seeds(n, tie_seed, offset, positions, attr.device))
 
 
 def removal_order(attr: Tensor, tie_seed: int = 0, offset: int = 0, positions: Tensor | None = None) -> Tensor:
-    """Pixel rank per image, 0 = most important: long [N, H·W] (ties broken at random, seeded).
+    """Pixel rank per image, 0 = most important: long [N, H·W] — the metrics' ranking
+    (:func:`xaudit.utils.ranking.pixel_ranks`) seeded by each image's dataset position.
 
     ``positions`` (long [N]) are the images' dataset positions, which seed their tie-breaks; by
     default ``offset + arange(N)``, so ranks depend neither on chunking nor on batch order. The
     ranks are computed on ``attr``'s device.
     """
-    key = order_key(attr, tie_seed, offset, positions)
-    n, p = key.shape
-    order = key.argsort(dim=1, stable=True)  # pixel ids, most important first
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(p, device=order.device).expand(n, -1))
-    return rank
+    return pixel_ranks(attr, _image_seeds(attr.shape[0], tie_seed, offset, positions, attr.device))
 
 
 def _keep_rows(attr: Tensor, k: int, mode: str, tie_seed: int, positions: Tensor) -> Tensor:
@@ -123,7 +91,7 @@ def _keep_rows(attr: Tensor, k: int, mode: str, tie_seed: int, positions: Tensor
     if part.numel():
         rows, cols = eq[part].nonzero(as_tuple=True)
         seeds = _image_seeds(n, tie_seed, 0, positions, flat.device)[part]
-        prio = _splitmix(seeds[rows], cols) & 0xFFFFFFFF
+        prio = splitmix(seeds[rows], cols) & 0xFFFFFFFF
         order = (rows * (1 << 32) + prio).argsort(stable=True)  # by row, then priority, then pixel
         rows, cols = rows[order], cols[order]
         count = torch.bincount(rows, minlength=part.numel())

@@ -35,6 +35,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from xaudit.reporting.protocol import PROTOCOL_VERSION
 from xaudit.roar.data import KeepFn, MapKeep, SplitDataModule, TensorSplit
 from xaudit.roar.masking import MODES, keep_mask
 from xaudit.roar.results import ResultsLog
@@ -261,7 +262,8 @@ class RoarSweep:
             record = {"cell": cell.key, "mode": cell.mode, "method": cell.method, "method_key": cell.method_key,
                       "fraction": cell.fraction, "seed": cell.seed, "epochs": self.recipe.epochs,
                       "seconds": round(seconds, 3), "resumed_at_epoch": resume_from, "worker": f"{HOST}:{os.getpid()}",
-                      "recipe": self.recipe_record, **result, **gpu_peak()}
+                      "recipe": self.recipe_record, "tie_seed": self.tie_seed, "protocol_version": PROTOCOL_VERSION,
+                      **result, **gpu_peak()}
             if self.is_writer:
                 self.log.append(record)
                 shutil.rmtree(self.checkpoint_path(cell).parent, ignore_errors=True)

@@ -31,9 +31,11 @@ from xaudit.metrics.evaluator import (
     ExplainerEvaluation,
     build_metrics,
     check_target_mode,
+    metric_target,
     needs_mask,
 )
 from xaudit.models.classifier import Classifier, classifier_from_checkpoint, load_checkpoint
+from xaudit.reporting.protocol import PROTOCOL_VERSION, evaluate_card, read_card, write_card
 from xaudit.reporting.report import log_report, write_report
 from xaudit.roar.data import SplitDataModule, TensorSplit
 from xaudit.roar.masking import MODES as RETRAIN_MODES
@@ -198,7 +200,9 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     mode = str(cfg.audit.mode)
     if mode not in AUDIT_MODES:
         raise unknown_choice("audit mode", mode, AUDIT_MODES, key="audit.mode")
-    target = check_target_mode(str(cfg.get("target", "label")))
+    target = check_target_mode(str(cfg.get("target", "auto")))
+    if target == "auto" and mode not in ("evaluate", "shortcut"):
+        target = "label"  # ROAR/KAR/sanity explain one class per image: the true one (per-metric choice is evaluate's)
     if mode == "shortcut":  # trains its own two models, then audits each (evaluate mode)
         from xaudit.tasks.shortcut import run_shortcut
 
@@ -264,8 +268,9 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
             paths = write_report(mode_dir, mode, every, meta)
         loggers = instantiate_group(cfg.get("logger"))
         try:
+            card = read_card(mode_dir)
             for lg in loggers:
-                lg.log_hyperparams(plain_config(cfg))
+                lg.log_hyperparams({**plain_config(cfg), **({"protocol": card} if card else {})})
             stored = json.loads(paths["json"].read_text())["summary"]
             log_report(loggers, mode, every, paths, (stored["header"], stored["rows"]))
         finally:
@@ -300,10 +305,18 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
             specs = {k: s for k, s in specs.items() if k not in dropped}
     limit = ev.get("limit")
     test = test.subset(None if limit is None else int(limit))
-    higher = {k: bool(getattr(m, "higher_is_better", True)) for k, m in build_metrics(specs, classifier.net).items()}
+    built = build_metrics(specs, classifier.net)
+    higher = {k: bool(getattr(m, "higher_is_better", True)) for k, m in built.items()}
+    size = (int(datamodule.image_size), int(datamodule.image_size))
+    card = evaluate_card(built, {k: str(s["name"]) for k, s in specs.items()}, size,
+                         {k: metric_target(target, m) for k, m in built.items()}, target)
     results = ResultsLog(mode_dir)
-    results.check_config({**identity, "mode": "evaluate", "metrics": specs, "limit": limit},
+    # the card (protocol version, every parameter as run) joins the fingerprint: a directory of
+    # another protocol is refused instead of mixing its numbers with these
+    results.check_config({**identity, "mode": "evaluate", "metrics": specs, "limit": limit, "protocol": card},
                          accept=accepted_changes(cfg))
+    if _is_writer():
+        write_card(mode_dir, card)
     done = broadcast(results.read() if _is_writer() else None)
     data = SplitDataModule(test=test, eval_batch_size=batch_size, num_workers=int(getattr(datamodule, "num_workers", 0)))
     keys = ["evaluate|model", *[f"evaluate|{method_key(n, kw)}" for n, kw in methods.items()]]
@@ -316,6 +329,7 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
         record = {"cell": keys[0], "mode": "evaluate", "method": "model", "method_key": "model",
                   "test_acc": float(res["test/acc"]), "test_loss": float(res["test/loss"]),
                   "count": int(res["test/count"]), "world_size": trainer.world_size,
+                  "protocol_version": PROTOCOL_VERSION,
                   "seconds": round(time.perf_counter() - start, 3), **gpu_peak()}
         _append(results, record)
         progress.advance("checkpoint accuracy", f"test acc {record['test_acc']:.4f}", record["seconds"])
@@ -336,6 +350,7 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
         record = {"cell": key, "mode": "evaluate", "method": name, "method_key": mkey, "kwargs": kw,
                   "metrics": {k: float(res[f"eval/{k}"]) for k in specs}, "higher_is_better": higher,
                   "count": int(res["eval/count"]), "world_size": trainer.world_size,
+                  "protocol_version": PROTOCOL_VERSION,
                   "seconds": round(time.perf_counter() - start, 3), "curves": curves, **gpu_peak()}
         _append(results, record)
         shown = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].items())
@@ -415,9 +430,13 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
     results = ResultsLog(out_dir / mode)
     identity_roar = {**identity, "mode": mode, "tie_seed": tie_seed, "store_dtype": str(roar.store_dtype),
                      "recipe": effective}
-    if fill != "normalisation":  # recorded only where it changes the cells (older audits stay resumable)
+    if fill != "normalisation":  # recorded only where it changes the cells
         identity_roar["fill"] = fill
+    identity_roar["protocol_version"] = PROTOCOL_VERSION
     results.check_config(identity_roar, accept=accepted_changes(cfg))
+    if _is_writer():
+        write_card(out_dir / mode, retrain_card(mode, fractions, seeds, fill, datamodule, tie_seed, target, effective,
+                                                str(roar.store_dtype)))
     datamodule.setup("fit")
     plain_train = datamodule.plain_train_set()
     train = TensorSplit.from_dataset(plain_train, datamodule.mean, datamodule.std, stream=data_path(cfg))
@@ -442,6 +461,30 @@ def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: 
                       recipe_record={k: v for k, v in effective.items() if k != "model"},
                       num_workers=int(getattr(datamodule, "num_workers", 0)), fill=fill)
     return sweep.run()
+
+
+#: Hooker et al. (NeurIPS 2019): 10..90 % removed, 5 retrained models per point, removed pixels → the
+#: training split's per-channel mean
+ROAR_PAPER = {"fractions": [0.1, 0.3, 0.5, 0.7, 0.9], "seeds": 5, "fill": "train_mean"}
+
+
+def retrain_card(mode: str, fractions: list[float], seeds: list[int], fill: str, datamodule: Any, tie_seed: int,
+                 target: str, recipe: dict[str, Any], store_dtype: str) -> dict[str, Any]:
+    """The protocol card of a ROAR/KAR sweep: its settings next to Hooker et al.'s."""
+    same_mean = fill == "train_mean" or bool(getattr(datamodule, "mean_is_train_mean", False))
+    params = {"fractions": fractions, "seeds": len(seeds), "fill": "train_mean" if same_mean else fill,
+              "tie_seed": tie_seed, "ties": "seeded random", "target": target, "store_dtype": store_dtype,
+              "epochs": recipe.get("epochs"), "global_batch": recipe.get("global_batch")}
+    deviations = [f"{k}={params[k]!r} (paper: {v!r})" for k, v in ROAR_PAPER.items() if params[k] != v]
+    size = int(datamodule.image_size)
+    row = {"name": mode, "paper": "Hooker, Erhan, Kindermans & Kim, A benchmark for interpretability methods "
+           "in deep neural networks, NeurIPS 2019", "params": params, "paper_params": dict(ROAR_PAPER),
+           "deviations": deviations,
+           "notes": ["fill train_mean: the normalisation's mean where the data is normalised by its own training "
+                     "mean (shapes, CIFAR-10), else the mean computed from the training split",
+                     "the paper does not fix the retraining recipe; the checkpoint's recipe is reused"]}
+    return {"version": PROTOCOL_VERSION, "mode": mode, "target": target, "image_size": [size, size],
+            "metrics": {mode: row}}
 
 
 def resolve_fill(fill: str, datamodule: Any) -> str:
