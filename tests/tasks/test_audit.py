@@ -106,7 +106,13 @@ def test_roar_end_to_end_writes_every_output(roar_run: dict[str, Any]) -> None:
 def test_roar_logs_wandb_table_and_line_plot(roar_run: dict[str, Any]) -> None:
     runs = find_offline_runs(Path(roar_run["mode_dir"]).parents[1] / "run")
     assert len(runs) == 1
-    summary = read_run(runs[0])["summary"]
+    logged = read_run(runs[0])
+    summary = logged["summary"]
+    # the protocol card is in the run config (issue 26): the sweep's settings next to Hooker et al.'s
+    card = logged["config"]["protocol"]
+    assert card["version"] == 2 and card["metrics"]["roar"]["params"]["seeds"] == 1
+    assert "seeds=1 (paper: 5)" in card["metrics"]["roar"]["deviations"]
+    assert card == json.loads((Path(roar_run["mode_dir"]) / "protocol.json").read_text())
     assert summary["audit/roar/table/_type"] == "table-file"
     assert summary["audit/roar/table/nrows"] == 4  # one row per method
     assert summary["audit/roar/cells/nrows"] == ROAR_CELLS

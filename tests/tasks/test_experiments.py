@@ -88,7 +88,9 @@ def test_sanity_cascade_table_figure_and_findings(sanity_ckpt: str, tmp_path: Pa
         assert (mode_dir / name).is_file(), name
     summary = json.loads((mode_dir / "results.json").read_text())["summary"]
     assert summary["header"][1] == "→fc" and len(summary["rows"]) == 8
-    assert "Guided backprop stays more similar" in (mode_dir / "report.md").read_text()
+    report = (mode_dir / "report.md").read_text()
+    assert "Guided backprop stays more similar" in report
+    assert "## Protocol" in report and "Adebayo et al." in report and "images=16" in report  # the card
 
 
 @pytest.mark.parametrize(("override", "message"), [

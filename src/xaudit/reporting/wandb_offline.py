@@ -62,9 +62,9 @@ def _key(item: Any) -> str:
 
 
 def read_run(run_dir: str | Path) -> dict[str, Any]:
-    """History rows and final summary of an offline run directory (``offline-run-*``).
+    """History rows, final summary and run config of an offline run directory (``offline-run-*``).
 
-    Returns ``{"history": [ {key: value, ...}, ... ], "summary": {key: value}}``.
+    Returns ``{"history": [ {key: value, ...}, ... ], "summary": {key: value}, "config": {key: value}}``.
     """
     run_dir = Path(run_dir)
     files = sorted(run_dir.glob("run-*.wandb"))
@@ -72,6 +72,7 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         raise FileNotFoundError(f"no run-*.wandb file in {run_dir}")
     history: list[dict[str, Any]] = []
     summary: dict[str, Any] = {}
+    config: dict[str, Any] = {}
     for rec in read_records(files[0]):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
@@ -79,10 +80,13 @@ def read_run(run_dir: str | Path) -> dict[str, Any]:
         elif kind == "summary":
             for i in rec.summary.update:
                 summary[_key(i)] = json.loads(i.value_json)
+        elif kind == "config":
+            for i in rec.config.update:
+                config[_key(i)] = json.loads(i.value_json)
     for row in history:  # the last logged value of each key, as W&B's summary shows it
         for k, v in row.items():
             summary.setdefault(k, v)
-    return {"history": history, "summary": summary}
+    return {"history": history, "summary": summary, "config": config}
 
 
 def find_offline_runs(root: str | Path) -> list[Path]:

@@ -26,6 +26,7 @@ from xaudit.explainers import create
 from xaudit.metrics.randomisation import parameter_layers, randomise_, spearman, ssim
 from xaudit.reporting import report as rep
 from xaudit.reporting.overlays import grid_image
+from xaudit.reporting.protocol import PROTOCOL_VERSION, write_card
 from xaudit.roar.data import TensorSplit
 from xaudit.roar.results import ResultsLog
 from xaudit.roar.store import method_key
@@ -73,8 +74,19 @@ def run_sanity(cfg: Any, net: nn.Module, test: TensorSplit, methods: dict[str, d
     layers = list(sc.get("layers") or block_layers(net))
     seed = int(sc.get("seed", 0))
     results = ResultsLog(mode_dir)
-    results.check_config({**identity, "mode": "sanity", "num_images": n, "layers": layers, "seed": seed},
-                         accept=list(cfg.get("accept_changes") or []))
+    results.check_config({**identity, "mode": "sanity", "num_images": n, "layers": layers, "seed": seed,
+                          "protocol_version": PROTOCOL_VERSION}, accept=list(cfg.get("accept_changes") or []))
+    if is_writer:
+        size = [int(v) for v in test.images.shape[-2:]]
+        write_card(mode_dir, {"version": PROTOCOL_VERSION, "mode": "sanity", "target": identity.get("target"),
+                              "image_size": size, "metrics": {"sanity": {
+                                  "name": "cascading model randomisation",
+                                  "paper": "Adebayo et al., Sanity checks for saliency maps, NeurIPS 2018",
+                                  "params": {"images": n, "blocks": len(layers), "order": "top block first, cascading",
+                                             "similarity": "Spearman and SSIM of |maps|", "seed": seed},
+                                  "paper_params": {"order": "top block first, cascading",
+                                                   "similarity": "Spearman and SSIM of |maps|"},
+                                  "deviations": [], "notes": ["randomises whole blocks (the paper: every layer)"]}}})
     done = results.read()
     device = next(net.parameters()).device  # the audit's device (the trainer's)
     x, y = test.normalise(test.images[:n]).to(device), test.labels[:n].to(device)
