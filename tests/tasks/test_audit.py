@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,12 @@ def test_evaluate_table_and_outputs(eval_run: dict[str, Any]) -> None:
         assert all(f"{k}={v}" in line for k, v in row["params"].items()), (label, line)
         assert row["paper"].split(",")[0] in line
     assert gc["protocol_version"] == 2
+    # the standard error over images of every score, in the cell and in the findings
+    assert set(gc["metrics_se"]) == set(gc["metrics"]) and 0 < gc["metrics_se"]["deletion"] < 0.05
+    assert "1.96 standard errors" in report
+    rnd_half = 1.96 * rnd["metrics_se"]["mask_iou"]
+    assert re.search(rf"Best mask_iou: \w+ \(\d\.\d{{3}} ± \d\.\d{{3}};.*random gives {rnd['metrics']['mask_iou']:.3f} "
+                     rf"± {rnd_half:.3f}\)", report)
 
 
 @pytest.mark.slow
@@ -257,6 +264,7 @@ def test_evaluate_ddp_sim_gives_the_same_table(ckpt: str, eval_run: dict[str, An
         for metric, value in one[key]["metrics"].items():
             # same samples, same maps; only the order of the float sums differs between 1 and 2 ranks
             assert two[key]["metrics"][metric] == pytest.approx(value, abs=1e-5), (key, metric)
+            assert two[key]["metrics_se"][metric] == pytest.approx(one[key]["metrics_se"][metric], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -142,6 +142,11 @@ class ExplainerEvaluation(pl.LightningModule):
                   if hasattr(metric, "curves")}  # gathered on every rank (a collective), saved by rank 0
         if self.curves_path and self.trainer.is_global_zero:
             atomic_torch_save(self.curves_path, {"curves": curves})
+        for label, metric in self.metrics.items():  # the standard error over images (per_sample: a collective)
+            per = metric.per_sample().double()
+            per = per[~per.isnan()]
+            se = per.std() / per.numel() ** 0.5 if per.numel() > 1 else torch.tensor(float("nan"))
+            values[f"eval_se/{label}"] = se.float()
         values["eval/count"] = self.seen.compute().float()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*sync_dist=True.*")

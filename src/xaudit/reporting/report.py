@@ -311,14 +311,24 @@ def findings(mode: str, cells: Sequence[dict[str, Any]]) -> list[str]:
         hib = {}
         for c in cells:
             hib.update(c.get("higher_is_better", {}))
+        se = {c["method_key"]: c.get("metrics_se") or {} for c in cells if c["method"] != "model"}
+
+        def pm(method: str, label: str) -> str:
+            v = se.get(method, {}).get(label)
+            return "" if v is None or math.isnan(v) else f" ± {1.96 * v:.3f}"
+
+        if any(se.values()):
+            out.append("Scores are means over the test images ± the 95% half-width (1.96 standard errors over "
+                       "images; metrics_se.* in results.csv).")
         for label in labels:
             vals = {r["method"]: r.get(label) for r in rows if r.get(label) is not None and not math.isnan(r[label])}
             if len(vals) < 2:
                 continue
             best = (max if hib.get(label, True) else min)(vals, key=vals.get)
-            out.append(f"Best {label}: {best} ({vals[best]:.3f}; {'higher' if hib.get(label, True) else 'lower'} "
-                       f"is better; random gives {vals['random']:.3f})." if "random" in vals else
-                       f"Best {label}: {best} ({vals[best]:.3f}).")
+            out.append(f"Best {label}: {best} ({vals[best]:.3f}{pm(best, label)}; "
+                       f"{'higher' if hib.get(label, True) else 'lower'} is better; random gives "
+                       f"{vals['random']:.3f}{pm('random', label)})." if "random" in vals else
+                       f"Best {label}: {best} ({vals[best]:.3f}{pm(best, label)}).")
     return out
 
 

@@ -349,6 +349,7 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
             curves = {k: [round(float(v), 6) for v in t] for k, t in stored.items()}
         record = {"cell": key, "mode": "evaluate", "method": name, "method_key": mkey, "kwargs": kw,
                   "metrics": {k: float(res[f"eval/{k}"]) for k in specs}, "higher_is_better": higher,
+                  "metrics_se": {k: float(res[f"eval_se/{k}"]) for k in specs},
                   "count": int(res["eval/count"]), "world_size": trainer.world_size,
                   "protocol_version": PROTOCOL_VERSION,
                   "seconds": round(time.perf_counter() - start, 3), "curves": curves, **gpu_peak()}
