@@ -62,13 +62,25 @@ def balanced_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.tensor(picked)
 
 
+#: the monitor's methods with ``explainers="auto"``: CAM needs a GAP→linear head (skipped otherwise)
+CNN_EXPLAINERS: tuple[str, ...] = ("cam", "grad_cam", "saliency")
+#: on a vision transformer: Grad-CAM on the last block's tokens, saliency, attention rollout
+TRANSFORMER_EXPLAINERS: tuple[str, ...] = ("grad_cam", "saliency", "attention_rollout")
+
+
+def has_timm_attention(model: nn.Module) -> bool:
+    """Whether ``model`` holds timm-style attention blocks (a ``fused_attn`` flag): a ViT/DeiT."""
+    return any(hasattr(m, "fused_attn") and hasattr(m, "qkv") for m in model.modules())
+
+
 class ExplanationMonitor(pl.Callback):
     """Explain a fixed probe batch every N epochs and log grids and quality scalars.
 
     Args:
-        explainers: names from :func:`xaudit.explainers.names`, or a mapping name → keyword
-            arguments for :func:`xaudit.explainers.create` (e.g. ``{"grad_cam": {"target_layer":
-            "layer3"}}``). ``cam`` on a backbone without a GAP→linear head is skipped with one warning.
+        explainers: ``"auto"`` (CAM, Grad-CAM and saliency on CNNs; Grad-CAM on tokens, saliency and
+            attention rollout on a timm ViT/DeiT), names from :func:`xaudit.explainers.names`, or a
+            mapping name → keyword arguments for :func:`xaudit.explainers.create` (e.g.
+            ``{"grad_cam": {"target_layer": "layer3"}}``). ``cam`` on a backbone without a GAP→linear head is skipped with one warning.
         every_n_epochs: run after validation of every N-th epoch (epoch 0 included).
         num_samples: probe batch size, drawn class-balanced from the validation set.
         metrics: subset of ``deletion, insertion, mass_in_mask, pointing_game, max_sensitivity,
@@ -87,7 +99,7 @@ class ExplanationMonitor(pl.Callback):
 
     def __init__(
         self,
-        explainers: Sequence[str] | dict[str, dict[str, Any]] = ("cam", "grad_cam", "saliency"),
+        explainers: Sequence[str] | dict[str, dict[str, Any]] | str = "auto",
         every_n_epochs: int = 1,
         num_samples: int = 16,
         metrics: Sequence[str] | str = "auto",
@@ -100,6 +112,9 @@ class ExplanationMonitor(pl.Callback):
         cell: int = 96,
     ) -> None:
         super().__init__()
+        self.auto_explainers = explainers == "auto"
+        if self.auto_explainers:  # resolved per model in _prepare: CNN_EXPLAINERS or TRANSFORMER_EXPLAINERS
+            explainers = CNN_EXPLAINERS
         specs = dict(explainers) if isinstance(explainers, dict) else {str(n): {} for n in explainers}
         self.specs = {name: dict(kw or {}) for name, kw in specs.items()}
         for name in self.specs:
@@ -208,6 +223,9 @@ class ExplanationMonitor(pl.Callback):
         probe = self._probe_on(model)
         x, y = probe["image"][:2], probe["label"][:2]
         self.explainers = {}
+        if self.auto_explainers:
+            names = TRANSFORMER_EXPLAINERS if has_timm_attention(model) else CNN_EXPLAINERS
+            self.specs = {name: {} for name in names}
         with evaluating(model, grad=True):
             for name, kw in self.specs.items():
                 explainer = create(name, model, **kw)

@@ -22,7 +22,10 @@ SIZE = 32  # vgg11_bn and resnet18 (ImageNet stem) need ≥32 px
 
 #: explainers that read one kind of model (method → backbone); the rest explain any classifier
 MODEL_SPECIFIC: dict[str, str] = {"senn": "senn"}
-GENERIC_METHODS: list[str] = [n for n in names() if n not in MODEL_SPECIFIC]
+#: transformer-only explainers (refuse CNNs); their contract (hooks, state, batch independence) is tested in
+#: tests/explainers/test_attention_explainers.py on a timm ViT
+TRANSFORMER_ONLY: frozenset[str] = frozenset({"attention_rollout", "chefer"})
+GENERIC_METHODS: list[str] = [n for n in names() if n not in MODEL_SPECIFIC and n not in TRANSFORMER_ONLY]
 #: (method, model) pairs for the model-specific explainers, plus post-hoc methods on those models
 SPECIFIC_CASES: list[tuple[str, str]] = [
     *MODEL_SPECIFIC.items(),

@@ -9,6 +9,7 @@ import importlib
 from typing import Any
 
 from xaudit.explainers import (  # noqa: F401  (registers)
+    attention,
     baselines,
     cam,
     gradient,

@@ -5,10 +5,15 @@ upsampled bilinearly to the input size. :class:`CAMExplainer` records A with a f
 (removed in ``finally``), gets ∂y/∂A with ``torch.autograd.grad`` when the method needs it —
 backpropagating only down to the target layer, never to the input — and calls
 ``channel_weights``; subclasses override that one function.
+
+Transformer layers work too: a [B,T,C] token sequence (ViT, DeiT) or a [B,H,W,C] Swin grid is
+turned into [B,C,h,w] by :mod:`xaudit.explainers.tokens` (options ``reshape``, ``prefix_tokens``,
+``grid``); activations and gradients go through the same reshape.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
@@ -26,6 +31,7 @@ from xaudit.explainers.base import upsample as upsample_maps
 from xaudit.explainers.gradient import GuidedBackprop
 from xaudit.explainers.hooks import record_output, resolve_layer
 from xaudit.explainers.registry import register
+from xaudit.explainers.tokens import check_reshape_options, feature_map_layout
 from xaudit.utils.errors import ConfigError
 
 
@@ -43,17 +49,24 @@ class LayerActivations:
 class CAMExplainer(Explainer):
     """Base of the CAM family. ``target_layer`` is a dotted module name (default: the backbone's
     ``default_target_layer``); ``relu`` clips negative evidence; ``normalize`` scales each map
-    to [0,1] (pytorch-grad-cam's convention; off by default so maps keep their scale)."""
+    to [0,1] (pytorch-grad-cam's convention; off by default so maps keep their scale).
+
+    Transformer layers: ``reshape`` (``auto`` | ``tokens`` | ``channels_last`` | ``none``) says how
+    the layer output becomes [B,K,h,w]; ``prefix_tokens`` (class/distillation/register tokens
+    before the patch tokens) and ``grid`` ([h, w] of the patch tokens) override what ``auto``
+    reads from the model (see :func:`xaudit.explainers.tokens.feature_map_layout`)."""
 
     needs_gradients: ClassVar[bool] = True
     default_relu: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, target_layer: str | None = None, relu: bool | None = None,
-                 normalize: bool = False) -> None:
+                 normalize: bool = False, reshape: str = "auto", prefix_tokens: int | None = None,
+                 grid: Sequence[int] | None = None) -> None:
         super().__init__(model)
         self.target_layer = resolve_layer(model, target_layer)
         self.relu = self.default_relu if relu is None else bool(relu)
         self.normalize = bool(normalize)
+        self.reshape, self.prefix_tokens, self.grid = check_reshape_options(reshape, prefix_tokens, grid)
 
     def channel_weights(self, a: LayerActivations) -> Tensor:
         """Weights [B,K] (or [B,K,h,w] for pixel-wise weights) for the activations ``a.acts``."""
@@ -69,14 +82,14 @@ class CAMExplainer(Explainer):
         if acts is None:
             raise ConfigError(f"target_layer {self.target_layer!r} was not called in the model's forward; "
                               "pick a layer on the path from input to logits.")
-        if acts.ndim != 4:
-            raise ConfigError(f"target_layer {self.target_layer!r} outputs shape {tuple(acts.shape)}; CAM methods "
-                              "need a [B,K,h,w] feature map (a conv block, not the head).")
+        layout = feature_map_layout(self.model, self.target_layer, acts.shape, tuple(x.shape[-2:]),
+                                    reshape=self.reshape, prefix_tokens=self.prefix_tokens, grid=self.grid)
         idx = target.indices(logits)
         grads = None
         if self.needs_gradients:
             (grads,) = torch.autograd.grad(target.select(logits).sum(), acts)
-        return LayerActivations(x, acts.detach(), grads, logits.detach(), idx)
+            grads = layout.apply(grads)
+        return LayerActivations(x, layout.apply(acts.detach()), grads, logits.detach(), idx)
 
     def _attribute(self, x: Tensor, target: Target) -> Tensor:
         a = self.layer_activations(x, target)
@@ -168,8 +181,9 @@ class ScoreCAM(CAMExplainer):
     needs_gradients = False
 
     def __init__(self, model: nn.Module, target_layer: str | None = None, relu: bool | None = None,
-                 normalize: bool = False, internal_batch_size: int = 256) -> None:
-        super().__init__(model, target_layer, relu, normalize)
+                 normalize: bool = False, internal_batch_size: int = 256, reshape: str = "auto",
+                 prefix_tokens: int | None = None, grid: Sequence[int] | None = None) -> None:
+        super().__init__(model, target_layer, relu, normalize, reshape, prefix_tokens, grid)
         self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
 
     def _masks(self, acts: Tensor, size: tuple[int, int]) -> Tensor:
@@ -212,8 +226,9 @@ class FeatureMaps(CAMExplainer):
     default_relu = False
 
     def __init__(self, model: nn.Module, target_layer: str | None = None, channel: int | None = None,
-                 relu: bool | None = None, normalize: bool = False) -> None:
-        super().__init__(model, target_layer, relu, normalize)
+                 relu: bool | None = None, normalize: bool = False, reshape: str = "auto",
+                 prefix_tokens: int | None = None, grid: Sequence[int] | None = None) -> None:
+        super().__init__(model, target_layer, relu, normalize, reshape, prefix_tokens, grid)
         self.channel = None if channel is None else check_positive_int("channel", channel, minimum=0)
 
     def channel_weights(self, a: LayerActivations) -> Tensor:

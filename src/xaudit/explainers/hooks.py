@@ -78,7 +78,8 @@ def record_output(layer: nn.Module, *, track_grad: bool = False) -> Iterator[Rec
     def hook(module: nn.Module, inputs: object, output: object) -> Tensor | None:
         if not isinstance(output, Tensor):
             raise ConfigError(f"target layer {type(module).__name__} returns {type(output).__name__}, not a tensor; "
-                              "pick a layer whose output is a [B,K,h,w] feature map.")
+                              "pick a layer whose output is a [B,K,h,w] feature map "
+                              "(or a transformer block's [B,T,C] tokens / [B,H,W,C] Swin grid).")
         rec.calls += 1
         out = output if output.requires_grad or not track_grad else output.detach().requires_grad_(True)
         rec.output = out
