@@ -134,7 +134,7 @@ def test_unknown_group_option_or_key_lists_choices(tmp_path: Path, overrides, er
 @pytest.mark.parametrize(
     ("overrides", "error", "needle"),
     [
-        (["model.backbone.name=resnet19"], ConfigError, "Choices: densenet121, mobilenet_v3_small"),
+        (["model.backbone.name=resnet19"], ConfigError, "Choices: deit_small, densenet121, mobilenet_v3_small"),
         (["data.spurious_p=1.5"], ConfigError, "data.spurious_p=1.5 must lie in [0, 1]"),
         (["model=resnet18", "model.backbone.cifar_stem=false", "data.image_size=16"], ConfigError,
          "data.image_size=16 is too small for resnet18"),
