@@ -61,7 +61,7 @@ def _point(rows: list[dict[str, Any]], method: str, fraction: float) -> dict[str
     return next(r for r in rows if r["method"] == method and r["fraction"] == fraction)
 
 
-# -- the t distribution without scipy -----------------------------------------------------------------
+# -- the t distribution (scipy.stats.t) --------------------------------------------------------------------
 def test_t_quantile_table_values() -> None:
     assert t_quantile(0.975, 1) == pytest.approx(12.706204736, abs=1e-8)
     assert t_quantile(0.975, 2) == pytest.approx(T2, abs=1e-9)
