@@ -98,9 +98,10 @@ class XAuditMetric(Metric):
     def protocol(self, size: tuple[int, int]) -> dict[str, Any]:
         """This metric's row of the protocol card: paper, parameters as run, the paper's values and
         every deviation from them (``key=ours (paper: theirs)``), plus known notes."""
+        from xaudit.reporting.protocol import deviations
+
         params, paper = self.protocol_params(size), self.paper_params(size)
-        deviations = [f"{k}={params.get(k)!r} (paper: {v!r})" for k, v in paper.items() if params.get(k) != v]
-        return {"paper": self.paper, "params": params, "paper_params": paper, "deviations": deviations,
+        return {"paper": self.paper, "params": params, "paper_params": paper, "deviations": deviations(params, paper),
                 "notes": list(self.protocol_notes)}
 
     def _gathered(self, state: str) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,23 +26,37 @@ PROTOCOL_VERSION: int = 2
 CARD_FILE = "protocol.json"
 
 
+def deviations(params: Mapping[str, Any], paper: Mapping[str, Any]) -> list[str]:
+    """``key=ours (paper: theirs)`` for every parameter the paper fixes and the run does not follow."""
+    return [f"{k}={params.get(k)!r} (paper: {v!r})" for k, v in paper.items() if params.get(k) != v]
+
+
+def protocol_row(name: str, paper: str, params: Mapping[str, Any], paper_params: Mapping[str, Any],
+                 notes: Sequence[str] = ()) -> dict[str, Any]:
+    """One entry of a card: the parameters as run next to the paper's, their deviations and notes."""
+    return {"name": name, "paper": paper, "params": dict(params), "paper_params": dict(paper_params),
+            "deviations": deviations(params, paper_params), "notes": list(notes)}
+
+
+def make_card(mode: str, target: str | None, size: Sequence[int], rows: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+    """A protocol card: the version, the audit mode, the explained class, the image size and the rows."""
+    return {"version": PROTOCOL_VERSION, "mode": mode, "target": target, "image_size": list(size),
+            "metrics": dict(rows)}
+
+
 def metric_row(name: str, metric: Any, size: tuple[int, int], target: str) -> dict[str, Any]:
     """One metric's card entry: its registered ``name``, paper, parameters as run on ``size`` images
     (the explained class ``target`` included), the paper's values and the deviations."""
-    row = {"name": name, **metric.protocol(size)}
-    row["params"] = {**row["params"], "target": target}
-    row["paper_params"] = {**row["paper_params"], "target": metric.protocol_target}
-    if target != metric.protocol_target:
-        row["deviations"] = [*row["deviations"], f"target={target!r} (paper: {metric.protocol_target!r})"]
-    return row
+    return protocol_row(name, metric.paper, {**metric.protocol_params(size), "target": target},
+                        {**metric.paper_params(size), "target": metric.protocol_target}, metric.protocol_notes)
 
 
 def evaluate_card(metrics: Mapping[str, Any], names: Mapping[str, str], size: tuple[int, int],
                   targets: Mapping[str, str], target_mode: str) -> dict[str, Any]:
     """The card of an ``evaluate`` audit: ``metrics`` {label: instance}, ``names`` {label: registered
     name}, ``targets`` {label: class explained for it}, the images' H×W ``size``."""
-    return {"version": PROTOCOL_VERSION, "mode": "evaluate", "target": target_mode, "image_size": list(size),
-            "metrics": {label: metric_row(names[label], m, size, targets[label]) for label, m in metrics.items()}}
+    return make_card("evaluate", target_mode, size,
+                     {label: metric_row(names[label], m, size, targets[label]) for label, m in metrics.items()})
 
 
 def write_card(directory: str | Path, card: dict[str, Any]) -> Path:

@@ -35,7 +35,14 @@ from xaudit.metrics.evaluator import (
     needs_mask,
 )
 from xaudit.models.classifier import Classifier, classifier_from_checkpoint, load_checkpoint
-from xaudit.reporting.protocol import PROTOCOL_VERSION, evaluate_card, read_card, write_card
+from xaudit.reporting.protocol import (
+    PROTOCOL_VERSION,
+    evaluate_card,
+    make_card,
+    protocol_row,
+    read_card,
+    write_card,
+)
 from xaudit.reporting.report import log_report, write_report
 from xaudit.roar.data import SplitDataModule, TensorSplit
 from xaudit.roar.masking import MODES as RETRAIN_MODES
@@ -476,16 +483,13 @@ def retrain_card(mode: str, fractions: list[float], seeds: list[int], fill: str,
     params = {"fractions": fractions, "seeds": len(seeds), "fill": "train_mean" if same_mean else fill,
               "tie_seed": tie_seed, "ties": "seeded random", "target": target, "store_dtype": store_dtype,
               "epochs": recipe.get("epochs"), "global_batch": recipe.get("global_batch")}
-    deviations = [f"{k}={params[k]!r} (paper: {v!r})" for k, v in ROAR_PAPER.items() if params[k] != v]
     size = int(datamodule.image_size)
-    row = {"name": mode, "paper": "Hooker, Erhan, Kindermans & Kim, A benchmark for interpretability methods "
-           "in deep neural networks, NeurIPS 2019", "params": params, "paper_params": dict(ROAR_PAPER),
-           "deviations": deviations,
-           "notes": ["fill train_mean: the normalisation's mean where the data is normalised by its own training "
-                     "mean (shapes, CIFAR-10), else the mean computed from the training split",
-                     "the paper does not fix the retraining recipe; the checkpoint's recipe is reused"]}
-    return {"version": PROTOCOL_VERSION, "mode": mode, "target": target, "image_size": [size, size],
-            "metrics": {mode: row}}
+    row = protocol_row(mode, "Hooker, Erhan, Kindermans & Kim, A benchmark for interpretability methods in deep "
+                       "neural networks, NeurIPS 2019", params, ROAR_PAPER,
+                       ["fill train_mean: the normalisation's mean where the data is normalised by its own training "
+                        "mean (shapes, CIFAR-10), else the mean computed from the training split",
+                        "the paper does not fix the retraining recipe; the checkpoint's recipe is reused"])
+    return make_card(mode, target, [size, size], {mode: row})
 
 
 def resolve_fill(fill: str, datamodule: Any) -> str:

@@ -26,7 +26,7 @@ from xaudit.explainers import create
 from xaudit.metrics.randomisation import parameter_layers, randomise_, spearman, ssim
 from xaudit.reporting import report as rep
 from xaudit.reporting.overlays import grid_image
-from xaudit.reporting.protocol import PROTOCOL_VERSION, write_card
+from xaudit.reporting.protocol import PROTOCOL_VERSION, make_card, protocol_row, write_card
 from xaudit.roar.data import TensorSplit
 from xaudit.roar.results import ResultsLog
 from xaudit.roar.store import method_key
@@ -78,15 +78,12 @@ def run_sanity(cfg: Any, net: nn.Module, test: TensorSplit, methods: dict[str, d
                           "protocol_version": PROTOCOL_VERSION}, accept=list(cfg.get("accept_changes") or []))
     if is_writer:
         size = [int(v) for v in test.images.shape[-2:]]
-        write_card(mode_dir, {"version": PROTOCOL_VERSION, "mode": "sanity", "target": identity.get("target"),
-                              "image_size": size, "metrics": {"sanity": {
-                                  "name": "cascading model randomisation",
-                                  "paper": "Adebayo et al., Sanity checks for saliency maps, NeurIPS 2018",
-                                  "params": {"images": n, "blocks": len(layers), "order": "top block first, cascading",
-                                             "similarity": "Spearman and SSIM of |maps|", "seed": seed},
-                                  "paper_params": {"order": "top block first, cascading",
-                                                   "similarity": "Spearman and SSIM of |maps|"},
-                                  "deviations": [], "notes": ["randomises whole blocks (the paper: every layer)"]}}})
+        method = {"order": "top block first, cascading", "similarity": "Spearman and SSIM of |maps|"}
+        row = protocol_row("cascading model randomisation",
+                           "Adebayo et al., Sanity checks for saliency maps, NeurIPS 2018",
+                           {"images": n, "blocks": len(layers), **method, "seed": seed}, method,
+                           ["randomises whole blocks (the paper: every layer)"])
+        write_card(mode_dir, make_card("sanity", identity.get("target"), size, {"sanity": row}))
     done = results.read()
     device = next(net.parameters()).device  # the audit's device (the trainer's)
     x, y = test.normalise(test.images[:n]).to(device), test.labels[:n].to(device)
