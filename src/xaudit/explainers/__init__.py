@@ -20,6 +20,7 @@ from xaudit.explainers import (  # noqa: F401  (registers)
     senn,
     smoothgrad,
     surrogate,
+    transformer_lrp,
     xrai,
 )
 from xaudit.explainers.base import (
@@ -61,16 +62,19 @@ from xaudit.explainers.relevance import COMPOSITES, LRP, RULES, DeepLift, DeepSh
 from xaudit.explainers.segmentation import segment
 from xaudit.explainers.smoothgrad import SmoothGrad
 from xaudit.explainers.surrogate import KernelShap, Lime
+from xaudit.explainers.transformer_lrp import CPLRP, AttnLRP
 from xaudit.explainers.xrai import XRAI
 
 __all__ = [
     "CAM",
     "COMPOSITES",
+    "CPLRP",
     "LRP",
     "REDUCTIONS",
     "RISE",
     "RULES",
     "XRAI",
+    "AttnLRP",
     "CAMExplainer",
     "Deconvnet",
     "DeepLift",
