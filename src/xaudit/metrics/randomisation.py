@@ -119,13 +119,154 @@ def randomise_(module: nn.Module, seed: int) -> None:
             leaf.reset_parameters()  # deterministic: ones, zeros, fresh running statistics
         else:
             for p in own:
-                std = float(p.float().std()) if p.numel() > 1 else 1.0
-                p.copy_(_fresh(p).normal_(0.0, std if math.isfinite(std) and std > 0 else 1.0, generator=g))
+                _redraw_(p, g)
+
+
+@torch.no_grad()
+def randomise_parameter_(param: Tensor, seed: int) -> None:
+    """Re-draw one parameter in place from N(0, std of the original) (N(0, 1) when that std is 0 or
+    undefined), with a local generator seeded with ``seed``: the draw ``randomise_`` makes for a
+    parameter of a module without a ``reset_parameters`` rule (class tokens, position embeddings)."""
+    _redraw_(param, torch.Generator(device=param.device).manual_seed(int(seed)))
+
+
+def _redraw_(p: Tensor, g: torch.Generator) -> None:
+    std = float(p.float().std()) if p.numel() > 1 else 1.0
+    p.copy_(_fresh(p).normal_(0.0, std if math.isfinite(std) and std > 0 else 1.0, generator=g))
 
 
 def _fresh(p: Tensor) -> Tensor:
     """An uninitialised float32 tensor shaped like ``p`` on its device (where random draws are made)."""
     return torch.empty(p.shape, dtype=torch.float32, device=p.device)
+
+
+def _attention_types() -> tuple[type, ...]:
+    """Attention classes importable here (timm's, torchvision Swin's); others are caught by class name."""
+    types: list[type] = [nn.MultiheadAttention]
+    try:
+        from timm.layers.attention import Attention
+
+        types.append(Attention)
+    except ImportError:  # timm missing or laid out differently: the name rule still finds it
+        pass
+    try:
+        from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+        types.append(ShiftedWindowAttention)  # ShiftedWindowAttentionV2 subclasses it
+    except ImportError:
+        pass
+    return tuple(types)
+
+
+def attention_modules(net: nn.Module) -> list[str]:
+    """Names of ``net``'s attention modules, by type or a class name ending in "Attention" (one
+    nested inside another attention module is not counted)."""
+    types = _attention_types()
+    found: list[str] = []
+    for name, m in net.named_modules():  # pre-order: an enclosing attention module comes first
+        if (isinstance(m, types) or type(m).__name__.endswith("Attention")) and not any(
+                _within(name, a) for a in found):
+            found.append(name)
+    return found
+
+
+def _within(name: str, ancestor: str) -> bool:
+    """Whether module ``name`` is ``ancestor`` or lies inside it ("" is the root)."""
+    return ancestor == "" or name == ancestor or name.startswith(ancestor + ".")
+
+
+def block_layers(net: nn.Module) -> list[str]:
+    """Steps of the cascade, output side first: module names, or parameter names for embeddings.
+
+    For each module that owns parameters (``parameter_layers`` order, input side first):
+
+    * inside a transformer block, the step is the block: the shallowest ancestor (or the module
+      itself; never the root) that contains exactly one attention module and owns no parameters of
+      its own unless it is that attention module. timm "blocks.3", torchvision ViT
+      "encoder.layers.encoder_layer_3", Swin "features.1.0";
+    * a module that owns parameters *and* has sub-modules with parameters (the root's ``cls_token``
+      and ``pos_embed``, torchvision ViT's ``class_token`` and ``encoder.pos_embedding``): one step per
+      such parameter, named by its full parameter name, which :func:`cascade` randomises alone.
+      Randomising the owning module would re-draw everything below it (for the root: the whole
+      model in one step);
+    * otherwise its parent ("features.block5", "layer4.0"), or the module itself when it has no
+      parent or its parent contains attention (timm "norm", torchvision ViT "encoder.ln"). On a
+      network without attention or such parameters (every CNN backbone here) this is the parent
+      rule alone, as in earlier versions.
+
+    Order: first appearance in ``named_parameters`` order, reversed, so a model's own embeddings
+    (registered on the root, listed first) are the last steps: timm ViT
+    ["head", "norm", "blocks.3", ..., "blocks.0", "patch_embed", "pos_embed", "cls_token"].
+    """
+    modules = dict(net.named_modules())
+    attention = attention_modules(net)
+
+    def count(name: str) -> int:
+        return sum(_within(a, name) for a in attention)
+
+    def owns(name: str) -> bool:
+        return next(modules[name].parameters(recurse=False), None) is not None
+
+    steps: list[str] = []
+    for layer in parameter_layers(net):
+        parts = layer.split(".") if layer else []
+        candidates = (".".join(parts[:i]) for i in range(1, len(parts) + 1))
+        block = next((c for c in candidates if count(c) == 1 and (c in attention or not owns(c))), None)
+        if block is not None:
+            steps.append(block)
+            continue
+        own = _own_parameter_steps(net, layer)
+        if own:
+            steps.extend(own)
+            continue
+        parent = layer.rsplit(".", 1)[0] if "." in layer else layer
+        steps.append(layer if attention and count(parent) else parent)
+    return list(dict.fromkeys(steps))[::-1]
+
+
+def randomise_step_(model: nn.Module, name: str, seed: int) -> None:
+    """Randomise one cascade step of ``model`` in place: a module with its sub-modules
+    (:func:`randomise_`), or one parameter alone (:func:`randomise_parameter_`).
+
+    Module and parameter names cannot clash: PyTorch refuses an attribute registered as both.
+    """
+    modules = dict(model.named_modules())
+    if name in modules:
+        randomise_(modules[name], seed)
+        return
+    params = dict(model.named_parameters())
+    if name in params:
+        randomise_parameter_(params[name], seed)
+        return
+    check_steps(model, [name])
+
+
+def parameter_steps(model: nn.Module) -> list[str]:
+    """The modules that own parameters (``parameter_layers``), input side first, except that a module
+    which owns parameters *and* has sub-modules with parameters (a ViT's root with ``cls_token`` and
+    ``pos_embed``) gives one step per own parameter, by parameter name: randomising that module would
+    re-draw everything below it. On a CNN this is ``parameter_layers`` itself."""
+    return [step for layer in parameter_layers(model) for step in _own_parameter_steps(model, layer) or [layer]]
+
+
+def _own_parameter_steps(model: nn.Module, layer: str) -> list[str]:
+    """The names of ``layer``'s own parameters when it also has sub-modules with parameters, else []."""
+    module = model.get_submodule(layer)
+    if not any(next(c.parameters(), None) is not None for c in module.children()):
+        return []
+    prefix = f"{layer}." if layer else ""
+    return [prefix + n for n, _ in module.named_parameters(recurse=False)]
+
+
+def check_steps(model: nn.Module, steps: Sequence[str], key: str = "layers") -> None:
+    """Raise naming the choices unless every step is a module name or a parameter name of ``model``
+    (the choices listed: the modules and the parameters :func:`parameter_steps` splits off)."""
+    modules = [n for n, _ in model.named_modules() if n]
+    allowed = {*modules, *(n for n, _ in model.named_parameters())}
+    for name in steps:
+        if name not in allowed:
+            split = [s for layer in parameter_layers(model) for s in _own_parameter_steps(model, layer)]
+            raise unknown_choice("layer", name, modules + split, key=key)
 
 
 @register_metric("sanity_check")
@@ -143,8 +284,9 @@ class SanityCheck(ModelHolder, XAuditMetric):
     ``update(x, attr, target)``: ``attr`` is the explainer's map on the original model [B,H,W].
     ``compute()`` is the mean ``similarity`` over samples and layers (Quantus' "average
     correlation"); :meth:`layer_scores` gives [N, layers] for the cascading curve.
-    ``layers``: module names (top first) to randomise as one step each; default every module that
-    owns parameters, last registered first. The caller's model is never touched.
+    ``layers``: module or parameter names (top first) to randomise as one step each; default
+    :func:`parameter_steps`, last registered first (every module that owns parameters; a ViT's class
+    token and position embedding as steps of their own). The caller's model is never touched.
     """
 
     higher_is_better: ClassVar[bool] = False
@@ -170,14 +312,11 @@ class SanityCheck(ModelHolder, XAuditMetric):
         self.similarity = check_choice(similarity, SIMILARITIES, "similarity", "similarity")
         self.absolute = bool(absolute)
         self.seed = int(seed)
-        modules = dict(model.named_modules())
         if layers is None:
-            self.layers = parameter_layers(model)[::-1]
+            self.layers = parameter_steps(model)[::-1]
         else:
             self.layers = [str(name) for name in layers]
-            for name in self.layers:
-                if name not in modules:
-                    raise unknown_choice("layer", name, [n for n in modules if n], key="layers")
+            check_steps(model, self.layers)
         if not self.layers:
             raise ConfigError("SanityCheck: the model has no parameters to randomise.")
         _check_explainer_name(self.explainer)
@@ -204,15 +343,14 @@ class SanityCheck(ModelHolder, XAuditMetric):
             model = copy.deepcopy(self.model)
             model.eval()
             explain = create(self.explainer, model, **self.explainer_kwargs)
-            modules = dict(model.named_modules())
             scores: dict[str, list[Tensor]] = {sim: [] for sim in SIMILARITIES}
             for layer in self.layers:
-                saved = copy.deepcopy(modules[layer].state_dict()) if self.mode == "independent" else None
-                randomise_(modules[layer], self.seed)
+                saved = copy.deepcopy(model.state_dict()) if self.mode == "independent" else None
+                randomise_step_(model, layer, self.seed)
                 for sim, value in self._similarities(original, explain.attribute(x, target), has_ssim).items():
                     scores[sim].append(value)
                 if saved is not None:
-                    modules[layer].load_state_dict(saved)
+                    model.load_state_dict(saved)
         for sim in SIMILARITIES:
             getattr(self, f"{sim}_values").append(torch.stack(scores[sim], dim=1))
         self._add_values(torch.stack(scores[self.similarity], dim=1).nanmean(dim=1))

@@ -23,34 +23,34 @@ import torch
 from torch import Tensor, nn
 
 from xaudit.explainers import create
-from xaudit.metrics.randomisation import parameter_layers, randomise_, spearman, ssim
+from xaudit.metrics.randomisation import (
+    block_layers,
+    check_steps,
+    randomise_step_,
+    spearman,
+    ssim,
+)
 from xaudit.reporting import report as rep
 from xaudit.reporting.overlays import grid_image
 from xaudit.reporting.protocol import PROTOCOL_VERSION, make_card, protocol_row, write_card
 from xaudit.roar.data import TensorSplit
 from xaudit.roar.results import ResultsLog
 from xaudit.roar.store import method_key
-from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.errors import ConfigError
 from xaudit.utils.io import atomic_torch_save, atomic_write_bytes
 from xaudit.utils.progress import SweepProgress
 
 GRADIENT_METHODS = ("saliency", "integrated_gradients", "smoothgrad", "gradient_x_input")
 
 
-def block_layers(net: nn.Module) -> list[str]:
-    """Blocks to randomise, output side first: each parameter layer's parent ("features.block5")."""
-    names = [n.rsplit(".", 1)[0] if "." in n else n for n in parameter_layers(net)]
-    return list(dict.fromkeys(names))[::-1]
-
-
 def cascade(net: nn.Module, method: str, kwargs: dict[str, Any], x: Tensor, y: Tensor, layers: list[str],
             seed: int = 0) -> tuple[Tensor, list[Tensor]]:
-    """(maps of the trained net, maps after randomising layers[0], layers[0:2], ...) on a copy."""
+    """(maps of the trained net, maps after randomising layers[0], layers[0:2], ...) on a copy.
+
+    ``layers``: module names (randomised with their sub-modules) or parameter names (that parameter
+    alone), as :func:`block_layers` gives them."""
     model = copy.deepcopy(net).eval()
-    modules = dict(model.named_modules())
-    for name in layers:
-        if name not in modules:
-            raise unknown_choice("layer", name, [n for n in modules if n], key="sanity.layers")
+    check_steps(model, layers, key="sanity.layers")  # all checked before any work
 
     def explain(step: int) -> Tensor:
         kw = {**kwargs, "seed": int(kwargs.get("seed", 0)) + step} if method == "random" else kwargs
@@ -59,7 +59,7 @@ def cascade(net: nn.Module, method: str, kwargs: dict[str, Any], x: Tensor, y: T
     original = explain(0)
     after = []
     for step, name in enumerate(layers, 1):
-        randomise_(modules[name], seed + step)
+        randomise_step_(model, name, seed + step)
         after.append(explain(step))
     return original, after
 
