@@ -8,6 +8,17 @@ faster). Defaults follow issue 5: ResNet-50, 224 px, batch 64 on a GPU; without 
 
     python benchmarks/explainers.py                 # auto: cuda if available, else cpu
     python benchmarks/explainers.py --device cpu --repeats 1 --methods saliency grad_cam
+
+``--model vit_b_16`` (or ``--transformer``) times the vision-transformer rows instead, ViT-B/16 at
+224 px (default batch 64 on a GPU, 4 on the CPU): saliency, integrated gradients (16 steps) and
+token Grad-CAM on xaudit's ``vit_b_16`` backbone (torchvision) against Captum and pytorch-grad-cam
+(with the ViT ``reshape_transform`` of its tutorial); attention rollout and Chefer et al.'s
+relevance on timm's ``vit_base_patch16_224`` (the same architecture; those explainers read timm
+attention modules) against loop-per-image references written below in the style of
+jacobgil/vit-explain and hila-chefer/Transformer-Explainability. Every transformer row checks that
+its map agrees with the anchor's on the first (warm-up) call before timing.
+
+    python benchmarks/explainers.py --device cpu --model vit_b_16 --threads 2
 """
 
 from __future__ import annotations
@@ -20,13 +31,15 @@ import argparse
 import statistics
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from xaudit.explainers import create
+from xaudit.explainers import create, names
 from xaudit.models import build_backbone
 
 warnings.filterwarnings("ignore")  # Captum warns about hooks on every call
@@ -43,6 +56,9 @@ class Row:
     batch: int
     heavy: bool = False  # many passes: timed once after a warm-up of the same shapes
     note: str = ""
+    # (ours' output, anchor's output) -> raises when the maps disagree; its two calls are the warm-up
+    check: Callable[[object, object], None] | None = None
+    model_key: str = ""  # which model's one-pass time the cost in passes divides by ("": the main model)
 
 
 def _sync(device: torch.device) -> None:
@@ -189,12 +205,242 @@ def build_rows(model: nn.Module, x: torch.Tensor, target: torch.Tensor, args: ar
     return rows
 
 
+# -- vision transformers ---------------------------------------------------------------------------
+TRANSFORMER_MODELS = ("vit_b_16",)
+IG_STEPS_VIT = 16
+ROLLOUT_FUSION, ROLLOUT_DISCARD = "mean", 0.9  # vit-explain's discard ratio
+
+
+def _maps(out: object) -> torch.Tensor:
+    """An explainer's or an anchor's output as a float32 CPU tensor [B,H,W]."""
+    t = out if isinstance(out, torch.Tensor) else torch.as_tensor(out)
+    return t.detach().float().cpu()
+
+
+def _minmax(t: torch.Tensor) -> torch.Tensor:
+    flat = t.flatten(1)
+    lo, hi = flat.amin(1)[:, None, None], flat.amax(1)[:, None, None]
+    return (t - lo) / (hi - lo + 1e-7)
+
+
+def close(rtol: float = 1e-3, atol: float = 1e-5, normalize: bool = False,
+          max_abs: float | None = None) -> Callable[[object, object], None]:
+    """An agreement check: the maps equal within tolerance, or (``normalize``: each scaled to [0, 1])
+    at most ``max_abs`` apart with a correlation ≥ 0.99 (different resizing of the same map)."""
+
+    def check(ours: object, anchor: object) -> None:
+        a, b = _maps(ours), _maps(anchor)
+        assert a.shape == b.shape, f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}"
+        if not normalize:
+            scale = float(b.abs().max())
+            assert scale > 0, "the anchor's maps are all zero: nothing to compare"
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol * scale)  # atol relative to the largest value
+            return
+        a, b = _minmax(a), _minmax(b)
+        diff = float((a - b).abs().max())
+        assert diff <= (max_abs or 0.1), f"maps differ: max |Δ| {diff:.3g} after scaling each to [0, 1]"
+        flat = [t.flatten(1) for t in (a, b)]
+        live = (flat[0].std(1) > 0) & (flat[1].std(1) > 0)  # a ReLU'd map can be all zero (random weights)
+        assert live.any(), "every map of this row is constant: nothing to compare"
+        corr = float(torch.corrcoef(torch.stack([flat[0][live].flatten(), flat[1][live].flatten()]))[0, 1])
+        assert corr >= 0.99, f"maps differ: correlation {corr:.4f} (max |Δ| {diff:.3g})"
+
+    return check
+
+
+@contextmanager
+def timm_attention_probabilities(model: nn.Module, on_probs: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """vit-explain's hook: every module named ``*attn_drop`` reports its output — in eval mode the
+    softmax probabilities [1, heads, T, T]. timm ≥ 0.9 fuses attention (``fused_attn``), which never
+    forms them: switched off while inside, as vit-explain's timm of 2020 had it. (On a GPU the
+    rollout anchor copies them to the CPU, as vit-explain does.)"""
+    from timm.models.vision_transformer import Attention
+
+    attns = [m for m in model.modules() if isinstance(m, Attention)]
+    flags = [m.fused_attn for m in attns]
+    handles = [m.register_forward_hook(lambda _m, _i, out: on_probs(out))
+               for name, m in model.named_modules() if name.endswith("attn_drop")]
+    try:
+        for m in attns:
+            m.fused_attn = False
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for m, f in zip(attns, flags):
+            m.fused_attn = f
+
+
+def _patch_row_to_pixels(rows: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+    """Class-token rows over the patch tokens [T-1] per image → [B,H,W] (bilinear, half-pixel centres)."""
+    r = torch.stack(rows)
+    side = int(r.shape[-1] ** 0.5)
+    return F.interpolate(r.reshape(-1, 1, side, side), size=size, mode="bilinear", align_corners=False)[:, 0]
+
+
+class VitExplainRollout:
+    """ANCHOR for attention_rollout — jacobgil/vit-explain's ``VITAttentionRollout``, one image per
+    forward (as its example runs it), written here because vit-explain is not a package.
+
+    Two deliberate departures, both needed to compute the map xaudit computes: the fused matrix is
+    renormalised along rows (``a.sum(-1, keepdim=True)``; vit-explain's ``a / a.sum(dim=-1)``
+    divides columns), and its map is not divided by its maximum nor resized with cv2 (the class row
+    is upsampled bilinearly, raw values). With one image per call vit-explain's ``flat[0, indices]``
+    discard applies to every image, as xaudit's does.
+    """
+
+    def __init__(self, model: nn.Module, head_fusion: str = "mean", discard_ratio: float = 0.9) -> None:
+        self.model, self.head_fusion, self.discard_ratio = model, head_fusion, discard_ratio
+        self.attentions: list[torch.Tensor] = []
+
+    def rollout(self) -> torch.Tensor:
+        result = torch.eye(self.attentions[0].size(-1))
+        with torch.no_grad():
+            for attention in self.attentions:
+                if self.head_fusion == "mean":
+                    fused = attention.mean(axis=1)
+                elif self.head_fusion == "max":
+                    fused = attention.max(axis=1)[0]
+                else:
+                    fused = attention.min(axis=1)[0]
+                # drop the lowest attentions, but don't drop the class token
+                flat = fused.view(fused.size(0), -1)
+                _, indices = flat.topk(int(flat.size(-1) * self.discard_ratio), -1, False)
+                indices = indices[indices != 0]
+                flat[0, indices] = 0
+                eye = torch.eye(fused.size(-1))
+                a = (fused + 1.0 * eye) / 2
+                a = a / a.sum(dim=-1, keepdim=True)
+                result = torch.matmul(a, result)
+        return result[0, 0, 1:]  # the class token's row over the image patches
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        rows = []
+        with timm_attention_probabilities(self.model, lambda out: self.attentions.append(out.cpu())):
+            for i in range(x.shape[0]):
+                self.attentions = []
+                with torch.no_grad():
+                    self.model(x[i:i + 1])
+                rows.append(self.rollout())
+        return _patch_row_to_pixels(rows, (x.shape[-2], x.shape[-1]))
+
+
+class CheferReference:
+    """ANCHOR for chefer — hila-chefer/Transformer-Explainability's ``generate_relevance`` (the
+    "Generic Attention-model Explainability" recurrence), one image per forward + ``backward()``:
+    the attention maps are saved in the forward and their gradients by tensor hooks, then
+    R = I, R += mean_heads[(∇A ⊙ A)⁺] · R over the blocks; the class row over the patches is
+    upsampled bilinearly (raw values, as xaudit's)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def save(self, out: torch.Tensor) -> None:
+        k = len(self.maps)
+        self.maps.append(out)
+        out.register_hook(lambda g: self.grads.__setitem__(k, g))
+
+    def relevance(self, image: torch.Tensor, index: int) -> torch.Tensor:
+        self.maps: list[torch.Tensor] = []
+        self.grads: dict[int, torch.Tensor] = {}
+        with timm_attention_probabilities(self.model, self.save):
+            output = self.model(image)
+            one_hot = output[0, index]
+            self.model.zero_grad()
+            one_hot.backward()
+        r = torch.eye(self.maps[0].shape[-1], device=image.device)
+        for k, cam in enumerate(self.maps):
+            grad = self.grads[k][0]
+            cam = (grad * cam[0].detach()).clamp(min=0).mean(dim=0)
+            r = r + torch.matmul(cam, r)
+        return r[0, 1:].cpu()
+
+    def __call__(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        rows = [self.relevance(x[i:i + 1], int(target[i])) for i in range(x.shape[0])]
+        self.model.zero_grad(set_to_none=True)
+        return _patch_row_to_pixels(rows, (x.shape[-2], x.shape[-1]))
+
+
+def vit_reshape_transform(height: int, width: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pytorch-grad-cam's ViT tutorial: drop the class token, tokens → [B,C,h,w]."""
+
+    def reshape_transform(tensor: torch.Tensor) -> torch.Tensor:
+        result = tensor[:, 1:, :].reshape(tensor.size(0), height, width, tensor.size(2))
+        return result.transpose(2, 3).transpose(1, 2)
+
+    return reshape_transform
+
+
+def build_transformer_rows(model: nn.Module, timm_vit: nn.Module, x: torch.Tensor, target: torch.Tensor,
+                           args: argparse.Namespace) -> list[Row]:
+    """ViT rows: gradients and token Grad-CAM on ``model`` (xaudit's vit_b_16), attention methods on
+    ``timm_vit`` (timm's ViT-B/16; Row.model_key "timm")."""
+    from captum.attr import IntegratedGradients, Saliency
+    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    layer_name = args.layer or model.default_target_layer
+    layer = model.get_submodule(layer_name)
+    b = x.shape[0]
+    ibs = args.internal_batch_size
+    xg = x.detach().clone().requires_grad_(True)
+    targets = [ClassifierOutputTarget(int(t)) for t in target]
+    gh, gw = model.patch_grid
+
+    def ours(name: str, m: nn.Module = model, **kw: object) -> Callable[[], object]:
+        explainer = create(name, m, **kw)
+        return lambda: explainer.attribute(x, target)
+
+    def grad_cam_anchor() -> object:
+        with GradCAM(model, [layer], reshape_transform=vit_reshape_transform(gh, gw)) as cam:
+            out = cam(x, targets)
+        model.zero_grad(set_to_none=True)
+        return out
+
+    rollout_ref = VitExplainRollout(timm_vit, ROLLOUT_FUSION, ROLLOUT_DISCARD)
+    chefer_ref = CheferReference(timm_vit)
+    rows = [
+        Row("saliency", ours("saliency"),
+            lambda: Saliency(model).attribute(xg, target=target, abs=True).amax(1), "captum Saliency", b,
+            check=close()),
+        Row(f"integrated_gradients ({IG_STEPS_VIT} steps)",
+            ours("integrated_gradients", steps=IG_STEPS_VIT, internal_batch_size=ibs),
+            lambda: IntegratedGradients(model).attribute(xg, target=target, n_steps=IG_STEPS_VIT,
+                                                         method="riemann_middle", internal_batch_size=ibs).sum(1),
+            "captum IntegratedGradients", b, heavy=True, check=close(rtol=1e-3, atol=1e-4)),
+        Row(f"grad_cam (tokens, {layer_name})", ours("grad_cam", target_layer=layer_name), grad_cam_anchor,
+            "pytorch-grad-cam GradCAM + ViT reshape_transform", b, check=close(normalize=True, max_abs=0.1)),
+        Row(f"attention_rollout (timm, {ROLLOUT_FUSION}, discard {ROLLOUT_DISCARD})",
+            ours("attention_rollout", timm_vit, head_fusion=ROLLOUT_FUSION, discard_ratio=ROLLOUT_DISCARD),
+            lambda: rollout_ref(x), "vit-explain-style rollout, loop per image (in this file)", b,
+            # batched vs one image: float rounding can move a near-tie across the discard threshold
+            check=close(rtol=1e-2, atol=1e-3), model_key="timm"),
+        Row("chefer (timm)", ours("chefer", timm_vit), lambda: chefer_ref(x, target),
+            "Transformer-Explainability-style loop per image (in this file)", b,
+            check=close(rtol=1e-3, atol=1e-4), model_key="timm"),
+    ]
+    # AttnLRP (xaudit.explainers.transformer_lrp; reaches torchvision's attention too): no anchor here
+    if "attn_lrp" in names():
+        rows.append(Row("attn_lrp", ours("attn_lrp"), None, "", b))
+    if args.methods:
+        rows = [r for r in rows if r.name.split(" ")[0] in args.methods]
+    return rows
+
+
+def _rate(images_per_s: float) -> str:
+    """img/s with one decimal, or three significant digits below 1 (a ViT on the CPU)."""
+    return f"{images_per_s:,.1f}" if images_per_s >= 1 else f"{images_per_s:.3g}"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--model", default=None, help="backbone (default: resnet50 on GPU, resnet18 on CPU)")
-    p.add_argument("--size", type=int, default=None, help="image side (default: 224 on GPU, 32 on CPU)")
-    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--model", default=None, help="backbone (default: resnet50 on GPU, resnet18 on CPU); "
+                   f"{' | '.join(TRANSFORMER_MODELS)}: the vision-transformer rows")
+    p.add_argument("--transformer", action="store_true", help="the vision-transformer rows (= --model vit_b_16)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side (default: 224 on GPU, 32 on CPU; 224 for the transformer rows)")
+    p.add_argument("--batch", type=int, default=None, help="default 64 (transformer rows on the CPU: 4)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--layer", default=None, help="CAM target layer (default: the backbone's default_target_layer)")
     p.add_argument("--score-cam-layer", default=None,
@@ -211,8 +457,15 @@ def main() -> None:
     p.add_argument("--methods", nargs="*", default=None, help="only these methods (first word of the row name)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args()
+    vit = args.transformer or args.model in TRANSFORMER_MODELS
+    if vit:
+        args.model = args.model or TRANSFORMER_MODELS[0]
+        if args.model not in TRANSFORMER_MODELS:
+            p.error(f"--transformer runs {' | '.join(TRANSFORMER_MODELS)}, not --model {args.model}")
+        args.size = args.size or 224
 
     device, gpu = resolve_device(args)
+    args.batch = args.batch or (4 if vit and not gpu else 64)
     args.internal_batch_size = args.internal_batch_size or 4 * args.batch
     args.occlusion_window = args.occlusion_window or max(2, args.size // 4)
     args.rise_masks = args.rise_masks or (1000 if gpu else 200)
@@ -221,6 +474,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = build_backbone(args.model, args.num_classes, image_size=args.size).to(device).eval()
+    models = {"": model}
+    if vit and isinstance(getattr(getattr(model, "heads", None), "head", None), nn.Linear):
+        # torchvision initialises ViT's head to zeros: every logit is the bias and every gradient map
+        # zero, which would leave the agreement checks nothing to compare (the time is the same)
+        with torch.no_grad():
+            nn.init.trunc_normal_(model.heads.head.weight, std=0.02)
+    if vit:  # timm's ViT-B/16 for the attention explainers (they read timm Attention modules)
+        import timm
+
+        models["timm"] = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=args.num_classes,
+                                           img_size=args.size).to(device).eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, 3, args.size, args.size, generator=gen).to(device)
     target = torch.randint(0, args.num_classes, (args.batch,), generator=gen).to(device)
@@ -228,26 +492,39 @@ def main() -> None:
     dev_name = torch.cuda.get_device_name(device) if gpu else f"CPU, {torch.get_num_threads()} threads"
     print(f"# device: {dev_name}; torch {torch.__version__}; {args.model}, {args.size} px, batch {args.batch}, "
           f"internal_batch_size {args.internal_batch_size}, CAM layer {args.layer or model.default_target_layer}")
+    if vit:
+        from importlib.metadata import version
+
+        print(f"# timm {version('timm')} (attention rows: vit_base_patch16_224), captum {version('captum')}, "
+              f"pytorch-grad-cam {version('grad-cam')}; random weights")
     pass_time = {}
-    for b in sorted({args.batch, min(args.batch, args.score_cam_batch)}):
-        pass_time[b] = timed(one_pass(model, x[:b], target[:b]), device, repeats=max(5, args.repeats), warmup=2)
-        print(f"# one pass (forward + backward to input) at batch {b}: {pass_time[b] * 1000:.1f} ms")
+    batches = [args.batch] if vit else sorted({args.batch, min(args.batch, args.score_cam_batch)})
+    for key, m in models.items():
+        for b in batches:
+            pass_time[key, b] = timed(one_pass(m, x[:b], target[:b]), device, repeats=max(5, args.repeats), warmup=2)
+            what = f" of {key}" if key else ""
+            print(f"# one pass{what} (forward + backward to input) at batch {b}: {pass_time[key, b] * 1000:.1f} ms")
 
     header = ("| method | xaudit img/s | anchor img/s | xaudit passes | anchor passes | xaudit/anchor time | anchor |")
     print(header)
     print("|" + "---|" * 7)
     peaks = []
-    for row in build_rows(model, x, target, args):
+    rows = build_transformer_rows(model, models["timm"], x, target, args) if vit else build_rows(model, x, target, args)
+    for row in rows:
         reps, warm = (1, 1) if row.heavy else (args.repeats, 1)
+        if row.check is not None and row.anchor is not None:  # agreement first; these calls are the warm-up
+            row.check(row.ours(), row.anchor())
+            _sync(device)
+            warm = 0
         if gpu:
             torch.cuda.reset_peak_memory_stats(device)
         t_ours = timed(row.ours, device, reps, warm)
         if gpu:
             peaks.append(f"{row.name}: {torch.cuda.max_memory_allocated(device) / 2**20:,.0f} MiB")
         t_anchor = timed(row.anchor, device, reps, warm) if row.anchor is not None else None
-        pt = pass_time[row.batch]
-        cells = [row.name, f"{row.batch / t_ours:,.1f}",
-                 f"{row.batch / t_anchor:,.1f}" if t_anchor else "—",
+        pt = pass_time[row.model_key, row.batch]
+        cells = [row.name, _rate(row.batch / t_ours),
+                 _rate(row.batch / t_anchor) if t_anchor else "—",
                  f"{t_ours / pt:.2f}", f"{t_anchor / pt:.2f}" if t_anchor else "—",
                  f"{t_ours / t_anchor:.2f}" if t_anchor else "—", row.anchor_name or "—"]
         if row.batch != args.batch:
