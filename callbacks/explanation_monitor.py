@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from xaudit.data.base import dataset_labels
 from xaudit.explainers import UnsupportedModelError, create
 from xaudit.explainers import names as explainer_names
+from xaudit.explainers.registry import is_signed
 from xaudit.metrics import (
     DeletionInsertion,
     LocalLipschitz,
@@ -319,12 +320,15 @@ class ExplanationMonitor(pl.Callback):
         return self.class_names[c] if self.class_names and c < len(self.class_names) else str(c)
 
     def grid(self, result: dict[str, Any]) -> Any:
-        """The overlay grid (a PIL image) of one :meth:`explain` result."""
+        """The overlay grid (a PIL image) of one :meth:`explain` result; signed methods
+        (:func:`~xaudit.explainers.registry.is_signed`) keep their sign on a diverging colormap."""
         assert self.probe is not None
         x = self.probe["image"]
         images = self._denorm(x) if callable(self._denorm) else (x - x.amin()) / (x.amax() - x.amin() + 1e-7)
         captions = [self._caption(i, result) for i in range(x.shape[0])]
-        return grid_image(images, list(result["maps"].values()), list(result["maps"]), captions, cell=self.cell)
+        methods = list(result["maps"])
+        return grid_image(images, list(result["maps"].values()), methods, captions, cell=self.cell,
+                          signed=[is_signed(m) for m in methods])
 
     def _write(self, trainer: pl.Trainer, epoch: int, result: dict[str, Any]) -> None:
         out_dir = Path(trainer.default_root_dir) / "explanations"

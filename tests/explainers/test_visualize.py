@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from xaudit.explainers import maximize_activation
-from xaudit.explainers.visualize import main
 from xaudit.models import Classifier
+from xaudit.reporting.activation_max import main
 from xaudit.utils.errors import ConfigError
 
 from explainer_helpers import make_model, trained_shapes_cnn
@@ -94,7 +94,7 @@ def test_bad_objectives_name_the_fix() -> None:
 
 
 def test_command_line_writes_the_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``python -m xaudit.explainers.visualize --ckpt ... --out ...`` on a checkpoint in the format
+    """``python -m xaudit.reporting.activation_max --ckpt ... --out ...`` on a checkpoint in the format
     train.py writes (weights-only, data description and config under ``xaudit``)."""
     torch.manual_seed(0)
     module = Classifier(backbone={"name": "small_cnn", "width": 8}, num_classes=3, image_size=32)

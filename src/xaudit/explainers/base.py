@@ -225,6 +225,9 @@ class Explainer:
     """
 
     name: ClassVar[str] = ""
+    #: the sign of the map carries meaning (evidence for vs. against the target): drawn with a diverging
+    #: colormap centred on zero; False: drawn min-max with a sequential one. See ``registry.is_signed``.
+    signed: ClassVar[bool] = False
     #: reduction applied when ``reduce="auto"``; None for methods that give a single map.
     default_reduce: str | None = None
 

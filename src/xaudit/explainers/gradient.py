@@ -126,6 +126,7 @@ class GradientXInput(GradientExplainer):
     """
 
     default_reduce = "sum"
+    signed = True
 
     def _attribute(self, x: Tensor, target: Target) -> Tensor:
         return self.input_gradient(x, target) * x
@@ -193,6 +194,7 @@ class IntegratedGradients(GradientExplainer):
     """
 
     default_reduce = "sum"
+    signed = True
 
     def __init__(self, model: nn.Module, steps: int = 50, method: str = "riemann_middle",
                  baseline: FillLike = "zero", blur_sigma: float | None = None,

@@ -42,7 +42,7 @@ from xaudit.explainers.canonizers import (
 )
 from xaudit.explainers.gradient import _RELU_IN_PLACE, _RELU_OUT_OF_PLACE
 from xaudit.explainers.registry import register
-from xaudit.explainers.relevance import iter_images, reroute
+from xaudit.explainers.relevance.core import iter_images, reroute
 from xaudit.utils.errors import ConfigError, unknown_choice
 
 ESTIMATORS: tuple[str, ...] = ("auto", "relu", "linear")
@@ -405,6 +405,7 @@ class PatternAttribution(PatternExplainer):
     sum over channels."""
 
     default_reduce = "sum"
+    signed = True
 
     def backward_weight(self, name: str, affine: Affine) -> Tensor:
         return affine.weight * self.patterns[name]

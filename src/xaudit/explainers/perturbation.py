@@ -41,6 +41,8 @@ class Occlusion(Explainer):
     cover it. Windows are batched: ``internal_batch_size`` images per forward.
     """
 
+    signed = True
+
     def __init__(self, model: nn.Module, window: int | tuple[int, int] = 8,
                  stride: int | tuple[int, int] | None = None, fill: FillLike = "zero",
                  blur_sigma: float | None = None, internal_batch_size: int = 256) -> None:

@@ -40,6 +40,13 @@ def get(name: str) -> type[Explainer]:
     return _REGISTRY[name]
 
 
+def is_signed(name: str) -> bool:
+    """Whether method ``name`` gives signed maps (its class's :attr:`Explainer.signed`): the one
+    place overlays choose a diverging (signed) or a sequential colormap. Unknown names: False."""
+    cls = _REGISTRY.get(name)
+    return bool(cls is not None and cls.signed)
+
+
 def create(name: str, model: nn.Module, **kwargs: Any) -> Explainer:
     """Build explainer ``name`` for ``model`` with its hyper-parameters as keywords."""
     cls = get(name)

@@ -223,6 +223,8 @@ class Lime(SuperpixelSurrogate):
     ``segmentation="slic", n_segments=50, n_samples=500, baseline="zero", score="logit"``.
     """
 
+    signed = True
+
     def __init__(self, model: nn.Module, n_samples: int = 1000, segmentation: str = "quickshift",
                  n_segments: int = 50, compactness: float = 1.0, baseline: FillLike = SEGMENT_MEAN,
                  blur_sigma: float | None = None, kernel_width: float = 0.25, distance: str = "interpretable",
@@ -287,6 +289,8 @@ class KernelShap(SuperpixelSurrogate):
     weight 1. The weighted least squares problem is solved with one φ eliminated by the
     constraint (as the shap package); an under-determined system gets the minimum-norm solution.
     """
+
+    signed = True
 
     def __init__(self, model: nn.Module, n_samples: int = 500, segmentation: str = "slic",
                  n_segments: int = 50, compactness: float = 1.0, baseline: FillLike = "zero",

@@ -43,7 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from xaudit.explainers.base import Explainer, Target, UnsupportedModelError
 from xaudit.explainers.registry import register
-from xaudit.explainers.relevance import reroute, stabilize
+from xaudit.explainers.relevance.core import reroute, stabilize
 from xaudit.utils.errors import ConfigError, unknown_choice
 
 VARIANTS = ("attnlrp", "cp_lrp")
@@ -242,6 +242,7 @@ class AttnLRP(Explainer):
     """
 
     default_reduce = "sum"
+    signed = True
     variants: ClassVar[tuple[str, ...]] = VARIANTS
 
     def __init__(self, model: nn.Module, variant: str = "attnlrp", epsilon: float = 1e-6) -> None:
