@@ -86,6 +86,9 @@ FAST_KW: dict[str, dict[str, Any]] = {
     "lime": {"segmentation": "slic", "n_segments": 8, "n_samples": 24, "score": "logit"},
     "kernel_shap": {"n_segments": 8, "n_samples": 24},
     "xrai": {"steps": 4, "n_segments": (4, 8)},
+    "layer_integrated_gradients": {"steps": 8},
+    "layer_conductance": {"steps": 8},
+    "neuron_integrated_gradients": {"steps": 8},
 }
 # score_cam forwards one masked image per (sample, channel): use a narrow layer on vgg11_bn
 MODEL_METHOD_KW: dict[tuple[str, str], dict[str, Any]] = {

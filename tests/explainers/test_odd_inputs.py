@@ -139,6 +139,8 @@ GRAY_EQUAL: dict[str, dict[str, Any]] = {
     "saliency": {"reduce": "sum", "abs": False},
     "gradient_x_input": {"reduce": "sum"},
     "integrated_gradients": {"reduce": "sum"},
+    "layer_integrated_gradients": {}, "layer_conductance": {}, "layer_gradient_x_activation": {},
+    "neuron_gradient": {"reduce": "sum"}, "neuron_integrated_gradients": {"reduce": "sum"},
 }
 
 

@@ -14,6 +14,7 @@ from xaudit.explainers import (  # noqa: F401  (registers)
     cam,
     gradient,
     influence,
+    layer_attribution,
     pattern,
     perturbation,
     relevance,
@@ -55,6 +56,13 @@ from xaudit.explainers.influence import (
     InternalInfluence,
     distributional_influence,
 )
+from xaudit.explainers.layer_attribution import (
+    LayerConductance,
+    LayerGradientXActivation,
+    LayerIntegratedGradients,
+    NeuronGradient,
+    NeuronIntegratedGradients,
+)
 from xaudit.explainers.pattern import PatternAttribution, PatternNet, PatternsNotFittedError
 from xaudit.explainers.perturbation import RISE, Occlusion
 from xaudit.explainers.registry import create, names, register
@@ -94,7 +102,12 @@ __all__ = [
     "IntegratedGradients",
     "InternalInfluence",
     "KernelShap",
+    "LayerConductance",
+    "LayerGradientXActivation",
+    "LayerIntegratedGradients",
     "Lime",
+    "NeuronGradient",
+    "NeuronIntegratedGradients",
     "Occlusion",
     "PatternAttribution",
     "PatternNet",
@@ -119,8 +132,7 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # activation maximisation loads on first use, so `python -m xaudit.explainers.visualize` runs
-    # its module once (an eager import here would make runpy warn about a second copy)
+    # activation maximisation loads on first use (its command line is xaudit.reporting.activation_max)
     if name in ("Visualization", "maximize_activation"):
-        return getattr(importlib.import_module("xaudit.explainers.visualize"), name)
+        return getattr(importlib.import_module("xaudit.explainers.activation_max"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
