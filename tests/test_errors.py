@@ -47,7 +47,7 @@ CASES: list[tuple[str, Callable[[], object], type[BaseException], str]] = [
     ("target of wrong length", saliency(x(2, 3, 32, 32), torch.tensor([0, 1, 2])), ValueError,
      r"3 entries but x has batch size 2"),
     ("float target", saliency(x(2, 3, 32, 32), torch.tensor([0.0, 1.0])), TypeError, r"target\.long\(\)"),
-    ("unknown explainer", lambda: create("gradcam", NET), ValueError, r"Did you mean 'grad_cam'.*Choices: attention_rollout, attn_lrp, cam"),
+    ("unknown explainer", lambda: create("gradcam", NET), ValueError, r"Did you mean 'grad_cam'.*Choices: ablation_cam, attention_rollout, attn_lrp, cam"),
     ("unknown explainer option", lambda: create("saliency", NET, foo=1), ValueError, r"'foo'\. Choices: abs"),
     ("unknown layer", lambda: create("grad_cam", NET, target_layer="nope").attribute(x(1, 3, 32, 32), 0),
      ValueError, r"Unknown target_layer 'nope'.*Choices: avgpool, fc, features"),

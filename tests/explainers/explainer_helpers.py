@@ -89,7 +89,15 @@ FAST_KW: dict[str, dict[str, Any]] = {
     "layer_integrated_gradients": {"steps": 8},
     "layer_conductance": {"steps": 8},
     "neuron_integrated_gradients": {"steps": 8},
+    # the property tests draw 12-24 px images: superpixels, since no grid cell divides them all
+    "gradient_shap": {"n_samples": 4, "stdevs": 0.1},
+    "feature_ablation": {"features": "superpixels", "n_segments": 8},
+    "feature_permutation": {"features": "superpixels", "n_segments": 8},
+    "shapley_value_sampling": {"features": "superpixels", "n_segments": 8, "n_samples": 2},
 }
+#: maps that depend on the rest of the batch by definition (permutation importance permutes a feature
+#: across the batch); tests/explainers/test_captum_sampling.py checks that behaviour directly
+BATCH_DEPENDENT: frozenset[str] = frozenset({"feature_permutation"})
 # score_cam forwards one masked image per (sample, channel): use a narrow layer on vgg11_bn
 MODEL_METHOD_KW: dict[tuple[str, str], dict[str, Any]] = {
     ("vgg11_bn", "score_cam"): {"target_layer": "features.2"},
