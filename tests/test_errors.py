@@ -128,3 +128,13 @@ def test_training_resume_from_a_missing_checkpoint(tmp_path: Path) -> None:
     cfg = compose_config(["ckpt_path=last", f"paths.log_dir={tmp_path / 'empty'}"], tmp_path)
     with pytest.raises(FileNotFoundError, match=r"ckpt_path=last: no checkpoints/last\.ckpt.*python train\.py"):
         train(cfg)
+
+
+def test_a_failed_start_leaves_no_wandb_run_open(tmp_path: Path) -> None:
+    # a later run in the same process must not write into the failed run's W&B files
+    import wandb
+
+    cfg = compose_config(["logger=wandb", "ckpt_path=last", f"paths.log_dir={tmp_path / 'empty'}"], tmp_path)
+    with pytest.raises(FileNotFoundError):
+        train(cfg)
+    assert wandb.run is None

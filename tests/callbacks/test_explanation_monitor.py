@@ -176,3 +176,14 @@ def test_robustness_metrics_are_opt_in_and_equal_the_standalone_metric(make_cfg)
 def test_bad_robustness_options_fail_at_construction(robustness: dict, match: str) -> None:
     with pytest.raises((ConfigError, ValueError), match=match):
         ExplanationMonitor(robustness=robustness)
+
+
+def test_new_method_families_run_in_the_monitor(make_cfg) -> None:
+    # the CAM family, Captum's perturbation/Shapley and layer/neuron methods are monitor choices
+    methods = ["hires_cam", "feature_ablation", "gradient_shap", "layer_gradient_x_activation", "neuron_gradient"]
+    out = train(make_cfg("logger=csv", "trainer.max_epochs=1", *MONITOR,
+                         f"callbacks.explanation_monitor.explainers=[{','.join(methods)}]",
+                         "callbacks.explanation_monitor.metrics=[insertion]"))
+    row = next(r for r in _csv_rows(out["run_dir"]) if r.get(f"explain/{methods[0]}/insertion"))
+    for m in methods:
+        assert 0.0 <= float(row[f"explain/{m}/insertion"]) <= 1.0

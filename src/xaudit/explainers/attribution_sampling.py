@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -154,6 +155,24 @@ class FeatureMaskExplainer(Explainer):
         feat = torch.cat([torch.arange(m) for m in counts])
         return img.to(device), feat.to(device)
 
+    def feature_drops(self, x: Tensor, idx: Tensor, full: Tensor, labels: Tensor, counts: list[int],
+                      perturb: Callable[[Tensor, Tensor, Tensor], Tensor]) -> Tensor:
+        """Map [B,H,W] of ``full − score(perturbed)`` per (image, feature), each feature's value on its
+        pixels. ``perturb(ii, ff, on)`` builds the perturbed copies for image indices ``ii``, feature
+        ids ``ff`` and their pixel masks ``on`` [N,1,H,W]; ``internal_batch_size`` copies per forward."""
+        b, _, h, w = x.shape
+        ii_all, ff_all = self._flat_pairs(counts, x.device)
+        flat = labels.flatten(1)
+        drop = torch.empty(ii_all.shape[0], device=x.device, dtype=x.dtype)
+        with torch.no_grad():
+            for s in range(0, ii_all.shape[0], self.internal_batch_size):
+                ii, ff = ii_all[s:s + self.internal_batch_size], ff_all[s:s + self.internal_batch_size]
+                on = (flat[ii] == ff[:, None]).view(-1, 1, h, w)
+                drop[s:s + ii.shape[0]] = full[ii] - self._score(perturb(ii, ff, on), idx[ii])
+        coef = torch.zeros(b, max(counts), device=x.device, dtype=x.dtype)
+        coef[ii_all, ff_all] = drop
+        return coef.gather(1, flat).view(b, h, w)
+
     def _score(self, x: Tensor, idx: Tensor) -> Tensor:
         """Target logit of each image of ``x`` [N,C,H,W] for class indices ``idx`` [N]."""
         return self._logits(x).gather(1, idx[:, None]).squeeze(1)
@@ -184,22 +203,12 @@ class FeatureAblation(FeatureMaskExplainer):
         self.blur_sigma = blur_sigma
 
     def _attribute(self, x: Tensor, target: Target) -> Tensor:
-        b, _, h, w = x.shape
         with torch.no_grad():
             idx, full = self._checked_indices(x, target, x)
         labels, counts = self.feature_labels(x, self._feature_mask)
         fill = make_fill(x, self.baseline, self.blur_sigma, option="baseline")
-        ii_all, ff_all = self._flat_pairs(counts, x.device)
-        flat = labels.flatten(1)
-        drop = torch.empty(ii_all.shape[0], device=x.device, dtype=x.dtype)
-        with torch.no_grad():
-            for s in range(0, ii_all.shape[0], self.internal_batch_size):
-                ii, ff = ii_all[s:s + self.internal_batch_size], ff_all[s:s + self.internal_batch_size]
-                off = (flat[ii] == ff[:, None]).view(-1, 1, h, w)
-                drop[s:s + ii.shape[0]] = full[ii] - self._score(torch.where(off, fill[ii], x[ii]), idx[ii])
-        coef = torch.zeros(b, max(counts), device=x.device, dtype=x.dtype)
-        coef[ii_all, ff_all] = drop
-        return coef.gather(1, flat).view(b, h, w)
+        return self.feature_drops(x, idx, full, labels, counts,
+                                  lambda ii, ff, on: torch.where(on, fill[ii], x[ii]))
 
 
 @register("feature_permutation")
@@ -243,18 +252,8 @@ class FeaturePermutation(FeatureMaskExplainer):
                           UserWarning, stacklevel=4)
             return torch.zeros(b, h, w, device=x.device, dtype=x.dtype)
         perms = self.permutations(max(counts), b).to(x.device)  # [M,B]
-        ii_all, ff_all = self._flat_pairs(counts, x.device)
-        flat = labels.flatten(1)
-        drop = torch.empty(ii_all.shape[0], device=x.device, dtype=x.dtype)
-        with torch.no_grad():
-            for s in range(0, ii_all.shape[0], self.internal_batch_size):
-                ii, ff = ii_all[s:s + self.internal_batch_size], ff_all[s:s + self.internal_batch_size]
-                on = (flat[ii] == ff[:, None]).view(-1, 1, h, w)
-                permuted = torch.where(on, x[perms[ff, ii]], x[ii])
-                drop[s:s + ii.shape[0]] = full[ii] - self._score(permuted, idx[ii])
-        coef = torch.zeros(b, max(counts), device=x.device, dtype=x.dtype)
-        coef[ii_all, ff_all] = drop
-        return coef.gather(1, flat).view(b, h, w)
+        return self.feature_drops(x, idx, full, labels, counts,
+                                  lambda ii, ff, on: torch.where(on, x[perms[ff, ii]], x[ii]))
 
 
 @register("shapley_value_sampling")

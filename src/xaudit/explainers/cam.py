@@ -293,8 +293,25 @@ class GradCAMPlusPlus(CAMExplainer):
         return (g.clamp(min=0) * alpha).sum((2, 3))
 
 
+class ForwardCAM(CAMExplainer):
+    """Base of the gradient-free CAMs whose channel weights come from forwards of perturbed copies
+    (Score-CAM, Ablation-CAM): ``internal_batch_size`` copies per forward (default per class)."""
+
+    needs_gradients = False
+    default_internal_batch_size: ClassVar[int] = 256
+
+    def __init__(self, model: nn.Module, target_layer: str | Sequence[str] | None = None,
+                 relu: bool | None = None, normalize: bool = False, internal_batch_size: int | None = None,
+                 reshape: str = "auto", prefix_tokens: int | None = None, grid: Sequence[int] | None = None,
+                 *, aug_smooth: bool = False, eigen_smooth: bool = False, eigen_sign: str = "positive") -> None:
+        super().__init__(model, target_layer, relu, normalize, reshape, prefix_tokens, grid,
+                         aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, eigen_sign=eigen_sign)
+        ibs = self.default_internal_batch_size if internal_batch_size is None else internal_batch_size
+        self.internal_batch_size = check_positive_int("internal_batch_size", ibs)
+
+
 @register("score_cam")
-class ScoreCAM(CAMExplainer):
+class ScoreCAM(ForwardCAM):
     """Score-CAM (Wang et al., 2020): each channel, upsampled and scaled to [0,1], masks the input;
     the target logits of the masked inputs, softmaxed over channels, are the weights (the
     pytorch-grad-cam formulation; masks upsampled with ``align_corners=True`` as there).
@@ -302,16 +319,6 @@ class ScoreCAM(CAMExplainer):
     Masked inputs are batched (``internal_batch_size`` images per forward). Channels whose mask
     is all zero (dead or constant maps) all give the zero image, which is forwarded once.
     """
-
-    needs_gradients = False
-
-    def __init__(self, model: nn.Module, target_layer: str | Sequence[str] | None = None,
-                 relu: bool | None = None, normalize: bool = False, internal_batch_size: int = 256,
-                 reshape: str = "auto", prefix_tokens: int | None = None, grid: Sequence[int] | None = None,
-                 *, aug_smooth: bool = False, eigen_smooth: bool = False, eigen_sign: str = "positive") -> None:
-        super().__init__(model, target_layer, relu, normalize, reshape, prefix_tokens, grid,
-                         aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, eigen_sign=eigen_sign)
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
 
     def _masks(self, acts: Tensor, size: tuple[int, int]) -> Tensor:
         """[N,h,w] channel maps → [N,H,W] masks in [0,1] (pytorch-grad-cam's upsample + min-max)."""
@@ -465,7 +472,7 @@ ABLATION_OFFSET = 1e7
 
 
 @register("ablation_cam")
-class AblationCAM(CAMExplainer):
+class AblationCAM(ForwardCAM):
     """Ablation-CAM (Desai & Ramaswamy, 2020, "Ablation-CAM: Visual Explanations for Deep
     Convolutional Network via Gradient-free Localization", WACV): w_k = (y_c − y_c^k) / y_c, the
     relative drop of the target logit when channel k of the target layer is ablated.
@@ -480,15 +487,7 @@ class AblationCAM(CAMExplainer):
     channel) cannot change the logits: it is not forwarded and gets weight 0 (its A_k is 0 anyway).
     """
 
-    needs_gradients = False
-
-    def __init__(self, model: nn.Module, target_layer: str | Sequence[str] | None = None,
-                 relu: bool | None = None, normalize: bool = False, internal_batch_size: int = 128,
-                 reshape: str = "auto", prefix_tokens: int | None = None, grid: Sequence[int] | None = None,
-                 *, aug_smooth: bool = False, eigen_smooth: bool = False, eigen_sign: str = "positive") -> None:
-        super().__init__(model, target_layer, relu, normalize, reshape, prefix_tokens, grid,
-                         aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, eigen_sign=eigen_sign)
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+    default_internal_batch_size = 128
 
     def channel_weights(self, a: LayerActivations) -> Tensor:
         raw, x = a.raw, a.x

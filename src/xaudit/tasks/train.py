@@ -53,16 +53,17 @@ def train(cfg: DictConfig, callbacks: Sequence[pl.Callback] = ()) -> dict[str, A
             "one. Run it with `python audit.py experiment=<name>` (conf/experiment/ holds both kinds).")
     seed(cfg)
     datamodule, model = build(cfg)
-    all_callbacks = [*instantiate_group(cfg.get("callbacks")), *callbacks]
-    loggers = instantiate_group(cfg.get("logger"))
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks, logger=loggers or False)
-    for lg in loggers:
-        lg.log_hyperparams(plain_config(cfg))
-
+    # a bad resume fails before any logger starts a run (a W&B run left open would be reused by the
+    # next run in this process)
     ckpt_path = resolve_last_checkpoint(cfg.get("ckpt_path"), cfg.paths.log_dir) or requeued_checkpoint(cfg)
     if ckpt_path:
         check_resumable(ckpt_path, model)
+    all_callbacks = [*instantiate_group(cfg.get("callbacks")), *callbacks]
+    loggers = instantiate_group(cfg.get("logger"))
     try:
+        trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=all_callbacks, logger=loggers or False)
+        for lg in loggers:
+            lg.log_hyperparams(plain_config(cfg))
         trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         ckpt_cb = trainer.checkpoint_callback
