@@ -39,6 +39,9 @@ class Completeness(ModelHolder, XAuditMetric):
     The error is relative to |f(x) − f(x̄)| (at least ``eps``), so 0.05 means "5% off".
     """
 
+    family = "axiomatic"
+    measures = "whether the attributions sum to f(x) - f(baseline)"
+
     higher_is_better: ClassVar[bool] = False
     paper: ClassVar[str] = "Sundararajan, Taly & Yan, Axiomatic attribution for deep networks, ICML 2017"
 

@@ -57,6 +57,11 @@ class XAuditMetric(Metric):
     protocol_target: ClassVar[str] = "label"
     #: known differences from the paper's code that are not parameters (listed on the card)
     protocol_notes: ClassVar[tuple[str, ...]] = ()
+    #: Quantus' family: faithfulness | robustness | localisation | complexity | randomisation | axiomatic
+    #: (``evaluate.metrics=<family>`` selects a family; the report groups its sections by it)
+    family: ClassVar[str] = ""
+    #: one line on what the metric measures, for the metric card
+    measures: ClassVar[str] = ""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -64,6 +64,9 @@ class PointingGame(_LocalisationMetric):
     ground-truth class. Higher is better.
     """
 
+    family = "localisation"
+    measures = "whether the map's maximum falls on the object"
+
     paper: ClassVar[str] = "Zhang et al., ECCV 2016; tolerance of TorchRay (Fong, Patrick & Vedaldi, ICCV 2019)"
     protocol_notes: ClassVar[tuple[str, ...]] = (
         "several maxima: expected hit over a random choice among them (TorchRay takes one argmax)",)
@@ -103,6 +106,9 @@ class MaskIoU(_LocalisationMetric):
     ties broken at random, seeded by ``tie_seed`` and the sample's map and mask.
     """
 
+    family = "localisation"
+    measures = "IoU of the top-k share of pixels with the object mask"
+
     paper: ClassVar[str] = "thresholded-map localisation of CAM (Zhou et al., CVPR 2016), at a fixed area"
     protocol_notes: ClassVar[tuple[str, ...]] = (
         "keeps the top_k share of pixels instead of CAM's 20 %-of-max value threshold",)
@@ -131,6 +137,9 @@ class RelevanceMass(_LocalisationMetric):
     The share of the *positive* attribution that falls inside the mask: Σ relu(a)·m / Σ relu(a).
     NaN when a map has no positive attribution. Higher is better.
     """
+
+    family = "localisation"
+    measures = "share of positive relevance inside the object mask"
 
     paper: ClassVar[str] = "Arras, Osman & Samek, CLEVR-XAI, Information Fusion 2022"
 

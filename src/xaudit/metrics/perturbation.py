@@ -76,6 +76,9 @@ class DeletionInsertion(ModelHolder, XAuditMetric):
     Each image costs ``steps+1`` forwards, run ``internal_batch_size`` at a time.
     """
 
+    family = "faithfulness"
+    measures = "how fast the target score falls (deletion) or rises (insertion) as the most relevant pixels are removed or added"
+
     paper: ClassVar[str] = "Petsiuk, Das & Saenko, RISE, BMVC 2018 (reference code evaluation.py)"
     protocol_target: ClassVar[str] = "predicted"
     protocol_notes: ClassVar[tuple[str, ...]] = (
@@ -241,6 +244,9 @@ class FaithfulnessCorrelation(ModelHolder, XAuditMetric):
     the same subsets alone, in any batch and on any DDP rank, so ``devices=2`` equals ``devices=1``
     and every epoch of a fixed probe set is scored on the same subsets.
     """
+
+    family = "faithfulness"
+    measures = "correlation between the attribution of random pixel subsets and the score drop when they are removed"
 
     higher_is_better: ClassVar[bool] = True
     paper: ClassVar[str] = "Bhatt, Weller & Moura, IJCAI 2020"

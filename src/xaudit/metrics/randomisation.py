@@ -289,6 +289,9 @@ class SanityCheck(ModelHolder, XAuditMetric):
     token and position embedding as steps of their own). The caller's model is never touched.
     """
 
+    family = "randomisation"
+    measures = "similarity of the maps after the model's weights are randomised (low = passes)"
+
     higher_is_better: ClassVar[bool] = False
     paper: ClassVar[str] = "Adebayo et al., Sanity checks for saliency maps, NeurIPS 2018"
 

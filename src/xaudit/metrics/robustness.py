@@ -127,6 +127,9 @@ def _by_max(maps: Tensor) -> Tensor:
 class MaxSensitivity(_Robustness):
     """Max relative change of the map under uniform noise of radius ``radius`` (Yeh et al., 2019)."""
 
+    family = "robustness"
+    measures = "largest change of the map under small input noise"
+
     paper: ClassVar[str] = "Yeh et al., On the (in)fidelity and sensitivity of explanations, NeurIPS 2019"
 
     def __init__(self, model: nn.Module, radius: float = 0.05, n: int = 10, seed: int = 0,
@@ -149,6 +152,9 @@ class LocalLipschitz(_Robustness):
     ``normalise=True`` (default): maps are divided by their max |Φ| first, so methods whose maps
     differ in scale (gradients, [0, 1] masks, relevances in logit units) are compared fairly.
     """
+
+    family = "robustness"
+    measures = "largest ratio of map change to input change in a noise neighbourhood"
 
     paper: ClassVar[str] = "Alvarez-Melis & Jaakkola, On the robustness of interpretability methods, 2018"
 
