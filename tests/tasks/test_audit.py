@@ -238,6 +238,9 @@ def test_evaluate_table_and_outputs(eval_run: dict[str, Any]) -> None:
     assert card["metrics"]["insertion"]["params"]["blur_kernel"] == 3
     assert card["metrics"]["pointing_game"]["params"] == {"tolerance": 2, "target": "label"}
     assert "## Protocol" in report and "Protocol" in (mode_dir / "report.html").read_text()
+    # issue 29: a section per metric family, ↑/↓ on every column; the card says what each measures
+    assert "### Faithfulness" in report and "### Localisation" in report and "deletion ↓" in report
+    assert card["metrics"]["mass_in_mask"]["family"] == "localisation"
     for label, row in card["metrics"].items():
         line = next(ln for ln in report.splitlines() if ln.startswith(f"| {label}"))
         assert all(f"{k}={v}" in line for k, v in row["params"].items()), (label, line)
@@ -249,6 +252,14 @@ def test_evaluate_table_and_outputs(eval_run: dict[str, Any]) -> None:
     rnd_half = 1.96 * rnd["metrics_se"]["mask_iou"]
     assert re.search(rf"Best mask_iou: \w+ \(\d\.\d{{3}} ± \d\.\d{{3}};.*random gives {rnd['metrics']['mask_iou']:.3f} "
                      rf"± {rnd_half:.3f}\)", report)
+
+
+def test_evaluate_family_shortcut(ckpt: str, tmp_path: Path) -> None:
+    cells = run_audit(ckpt, tmp_path, "audit=evaluate", "evaluate.limit=16", "explainer=[grad_cam]", "controls=[]",
+                      "evaluate.metrics=localisation", "batch_size=16")["cells"]
+    labels = set(cells["evaluate|grad_cam"]["metrics"])
+    assert {"pointing_game", "mass_in_mask", "mask_iou"} <= labels and "deletion" not in labels
+    assert set(cells["evaluate|grad_cam"]["families"].values()) == {"localisation"}
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from xaudit.explainers import create
 from xaudit.metrics.base import XAuditMetric, update_metric
 from xaudit.metrics.registry import create_metric, metric_class
 from xaudit.models.classifier import unshare_metric_states
-from xaudit.utils.errors import ConfigError
+from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.io import atomic_torch_save
 
 TARGETS: tuple[str, ...] = ("auto", "label", "predicted")
@@ -65,6 +65,45 @@ def explain_for_targets(explainer: Any, x: Tensor, label: Tensor, pred: Tensor |
             out["predicted"] = (attr, pred)
         else:
             out["predicted"] = (explainer.attribute(x, pred), pred)
+    return out
+
+
+FAMILIES: tuple[str, ...] = ("faithfulness", "robustness", "localisation", "complexity", "randomisation", "axiomatic")
+#: the labels and settings a shortcut gives metrics that conf/audit/evaluate.yaml configures by name
+_SHORTCUT_SPECS: dict[str, dict[str, dict[str, Any]]] = {
+    "deletion_insertion": {"deletion": {"name": "deletion_insertion", "mode": "deletion"},
+                           "insertion": {"name": "deletion_insertion", "mode": "insertion"}},
+    "relevance_mass": {"mass_in_mask": {"name": "relevance_mass"}},
+    "mask_iou": {"mask_iou": {"name": "mask_iou", "top_k": 0.2}},
+}
+
+
+def metric_specs(value: Any) -> dict[str, dict[str, Any]]:
+    """``evaluate.metrics`` → ``{label: {name: ..., **options}}``.
+
+    A mapping is taken as it is. A string names families (``faithfulness``, ``robustness``,
+    ``localisation``, ``complexity``, ``randomisation``, ``axiomatic``, or ``all``) or registered
+    metrics, joined by ``+`` or ``,`` (``evaluate.metrics=faithfulness+localisation``): every
+    registered metric of those families with its paper's defaults (deletion and insertion both).
+    """
+    if value is None or isinstance(value, dict):
+        return {str(k): dict(v) if isinstance(v, dict) else v for k, v in (value or {}).items()}
+    if not isinstance(value, str):
+        raise ConfigError(f"evaluate.metrics must be a mapping {{label: {{name: ..., options}}}} or a family name "
+                          f"({', '.join(FAMILIES)}, all); got {value!r}.")
+    from xaudit.metrics.registry import metric_names
+
+    out: dict[str, dict[str, Any]] = {}
+    for part in (p.strip() for p in value.replace(",", "+").split("+")):
+        if part == "all" or part in FAMILIES:
+            chosen = [n for n in metric_names() if part == "all" or metric_class(n).family == part]
+        elif part in metric_names():
+            chosen = [part]
+        else:
+            raise unknown_choice("metric family (or metric)", part, [*FAMILIES, "all", *metric_names()],
+                                 key="evaluate.metrics")
+        for name in chosen:
+            out.update(_SHORTCUT_SPECS.get(name, {name: {"name": name}}))
     return out
 
 

@@ -45,10 +45,13 @@ def make_card(mode: str, target: str | None, size: Sequence[int], rows: Mapping[
 
 
 def metric_row(name: str, metric: Any, size: tuple[int, int], target: str) -> dict[str, Any]:
-    """One metric's card entry: its registered ``name``, paper, parameters as run on ``size`` images
-    (the explained class ``target`` included), the paper's values and the deviations."""
-    return protocol_row(name, metric.paper, {**metric.protocol_params(size), "target": target},
-                        {**metric.paper_params(size), "target": metric.protocol_target}, metric.protocol_notes)
+    """One metric's card entry: its registered ``name``, family, what it measures and its direction
+    (↑ higher is better, ↓ lower), paper, parameters as run on ``size`` images (the explained class
+    ``target`` included), the paper's values and the deviations."""
+    row = protocol_row(name, metric.paper, {**metric.protocol_params(size), "target": target},
+                       {**metric.paper_params(size), "target": metric.protocol_target}, metric.protocol_notes)
+    return {**row, "family": getattr(metric, "family", ""), "measures": getattr(metric, "measures", ""),
+            "direction": "↑" if getattr(metric, "higher_is_better", True) else "↓"}
 
 
 def evaluate_card(metrics: Mapping[str, Any], names: Mapping[str, str], size: tuple[int, int],
@@ -78,12 +81,15 @@ def _params(params: Mapping[str, Any]) -> str:
 
 def card_rows(card: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """(header, rows) of the card as a table: one row per metric (or ROAR sweep)."""
-    header = ["metric", "parameters", "paper", "deviations from the paper"]
+    entries = card.get("metrics", {})
+    carded = any("measures" in row for row in entries.values())  # metric cards (evaluate) add two columns
+    header = ["metric", *(["family", "measures"] if carded else []), "parameters", "paper", "deviations from the paper"]
     rows = []
-    for label, row in card.get("metrics", {}).items():
+    for label, row in entries.items():
         dev = "; ".join([*row.get("deviations", []), *[f"note: {n}" for n in row.get("notes", [])]]) or "none"
-        rows.append([f"{label} ({row['name']})" if row["name"] != label else label, _params(row["params"]),
-                     row.get("paper") or "—", dev])
+        name = f"{label} ({row['name']})" if row["name"] != label else label
+        card_cols = [row.get("family") or "—", f"{row.get('direction', '')} {row.get('measures') or '—'}".strip()]
+        rows.append([name, *(card_cols if carded else []), _params(row["params"]), row.get("paper") or "—", dev])
     return header, rows
 
 

@@ -151,6 +151,30 @@ def evaluate_summary(cells: Sequence[dict[str, Any]]) -> tuple[list[str], list[d
     return labels, rows
 
 
+FAMILY_ORDER = ("faithfulness", "robustness", "localisation", "complexity", "randomisation", "axiomatic", "other")
+
+
+def family_sections(cells: Sequence[dict[str, Any]]) -> list[tuple[str, list[str], list[list[Any]]]]:
+    """One (title, header, rows) table per metric family of an ``evaluate`` audit (Quantus' grouping):
+    methods × that family's metrics, each column marked ↑ (higher is better) or ↓. Empty when the
+    cells carry no families (audits written before families existed)."""
+    families: dict[str, str] = {}
+    higher: dict[str, bool] = {}
+    for c in cells:
+        families.update(c.get("families") or {})
+        higher.update(c.get("higher_is_better") or {})
+    if not families:
+        return []
+    labels, rows = evaluate_summary(cells)
+    out = []
+    for fam in sorted(set(families.values()), key=lambda f: FAMILY_ORDER.index(f) if f in FAMILY_ORDER else 99):
+        cols = [lb for lb in labels if families.get(lb) == fam]
+        header = ["method", *[f"{lb} {'↑' if higher.get(lb, True) else '↓'}" for lb in cols]]
+        table = [[r["method"], *[r.get(lb, float("nan")) for lb in cols]] for r in rows]
+        out.append((fam.capitalize(), header, table))
+    return out
+
+
 def _noise_margin(acc: float, n: int) -> float:
     """Two binomial standard errors of an accuracy measured on ``n`` images (at least one point)."""
     if n <= 0 or math.isnan(acc):
@@ -461,7 +485,9 @@ def write_report(directory: str | Path, mode: str, cells: Sequence[dict[str, Any
         curve = plot_curves(cells, d / "evaluate_curves.png")
         if curve is not None:
             plots.append(("Deletion / insertion curves", curve))
-    return write_tables_report(d, mode, cells, meta, header, table, plots, findings(mode, cells), points=points)
+    sections = family_sections(cells) if mode == "evaluate" else []
+    return write_tables_report(d, mode, cells, meta, header, table, plots, findings(mode, cells), points=points,
+                               sections=sections)
 
 
 def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -474,7 +500,8 @@ def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = No
 
 def write_tables_report(directory: Path, mode: str, cells: Sequence[dict[str, Any]], meta: dict[str, Any],
                         header: Sequence[str], table: Sequence[Sequence[Any]], plots: Sequence[tuple[str, Path]],
-                        facts: Sequence[str], points: Sequence[dict[str, Any]] | None = None) -> dict[str, Path]:
+                        facts: Sequence[str], points: Sequence[dict[str, Any]] | None = None,
+                        sections: Sequence[tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = ()) -> dict[str, Path]:
     """results.csv, results.json, report.md and report.html with the plots.
 
     results.csv holds one row per cell; with ``points`` (ROAR/KAR: :func:`retrain_summary`) it holds
@@ -500,7 +527,10 @@ def write_tables_report(directory: Path, mode: str, cells: Sequence[dict[str, An
         paths[f"plot{i}"] = p
     meta_rows = [[k, v] for k, v in meta.items()]
     md = [f"# xaudit {mode} report", "", _md_table(["", ""], meta_rows), "", "## Results", "",
-          _md_table(header, table), "", "## Findings", "", *[f"- {f}" for f in facts], ""]
+          _md_table(header, table), ""]
+    for title, sec_header, sec_rows in sections:  # one table per metric family (evaluate)
+        md += [f"### {title}", "", _md_table(list(sec_header), [list(r) for r in sec_rows]), ""]
+    md += ["## Findings", "", *[f"- {f}" for f in facts], ""]
     card = read_card(d)  # the protocol card (every metric's parameters, paper, deviations)
     if card:
         md += [card_markdown(card)]
@@ -508,7 +538,9 @@ def write_tables_report(directory: Path, mode: str, cells: Sequence[dict[str, An
     paths["md"] = d / "report.md"
     atomic_write_text(paths["md"], "\n".join(md))
     body = [f"<h1>xaudit {html.escape(mode)} report</h1>", _html_table(["", ""], meta_rows), "<h2>Results</h2>",
-            _html_table(header, table), "<h2>Findings</h2><ul>",
+            _html_table(header, table),
+            *[f"<h3>{html.escape(t)}</h3>{_html_table(list(h), [list(r) for r in rs])}" for t, h, rs in sections],
+            "<h2>Findings</h2><ul>",
             *[f"<li>{html.escape(f)}</li>" for f in facts], "</ul>", card_html(card) if card else "",
             *[f"<h3>{html.escape(t)}</h3><img src='{html.escape(p.name)}' alt='{html.escape(t)}'>" for t, p in plots]]
     style = ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"

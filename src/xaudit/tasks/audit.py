@@ -31,6 +31,7 @@ from xaudit.metrics.evaluator import (
     ExplainerEvaluation,
     build_metrics,
     check_target_mode,
+    metric_specs,
     metric_target,
     needs_mask,
 )
@@ -302,7 +303,7 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
                  make_trainer: Callable[..., pl.Trainer], batch_size: int, target: str) -> dict[str, dict[str, Any]]:
     """Every (explainer × metric) on the test split; one cell per explainer plus the model's accuracy."""
     ev = cfg.get("evaluate") or {}
-    specs = {str(k): dict(v) for k, v in (_plain(ev.get("metrics")) or {}).items()}
+    specs = metric_specs(_plain(ev.get("metrics")))
     if not specs:
         raise ConfigError("evaluate.metrics is empty; name at least one metric (see conf/audit/evaluate.yaml).")
     if not getattr(datamodule, "has_masks", False):
@@ -314,6 +315,7 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
     test = test.subset(None if limit is None else int(limit))
     built = build_metrics(specs, classifier.net)
     higher = {k: bool(getattr(m, "higher_is_better", True)) for k, m in built.items()}
+    families = {k: getattr(m, "family", "") or "other" for k, m in built.items()}
     size = (int(datamodule.image_size), int(datamodule.image_size))
     card = evaluate_card(built, {k: str(s["name"]) for k, s in specs.items()}, size,
                          {k: metric_target(target, m) for k, m in built.items()}, target)
@@ -356,6 +358,7 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
             curves = {k: [round(float(v), 6) for v in t] for k, t in stored.items()}
         record = {"cell": key, "mode": "evaluate", "method": name, "method_key": mkey, "kwargs": kw,
                   "metrics": {k: float(res[f"eval/{k}"]) for k in specs}, "higher_is_better": higher,
+                  "families": families,
                   "metrics_se": {k: float(res[f"eval_se/{k}"]) for k in specs},
                   "count": int(res["eval/count"]), "world_size": trainer.world_size,
                   "protocol_version": PROTOCOL_VERSION,
