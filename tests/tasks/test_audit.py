@@ -487,3 +487,61 @@ def test_output_disk_without_room_fails_before_any_work(ckpt: str, tmp_path: Pat
                                       r"out_dir=<a folder on another disk>"):
         run_audit(ckpt, tmp_path, "min_free_mb=1e9")
     assert not (tmp_path / "audit" / "evaluate").exists()
+
+
+# -- issue 30: audit=explain on the user's own image files --------------------------------------------
+def _write_user_images(root: Path) -> tuple[Path, Path, list[int]]:
+    """Five shapes test images as files of other sizes and formats (PNG 64 px, JPEG 48 px, a grayscale
+    BMP 32 px, a PNG with alpha) in nested folders, and their masks named like them."""
+    from PIL import Image
+
+    from xaudit.data import ShapesDataModule
+
+    dm = ShapesDataModule(num_classes=4, image_size=32, n_train=8, n_val=1, n_test=5, seed=0)
+    test = dm.split("test")
+    images, masks = root / "images", root / "masks"
+    (images / "sub").mkdir(parents=True)
+    masks.mkdir()
+    specs = [("a.png", 64, "RGB"), ("b.jpg", 48, "RGB"), ("sub/c.bmp", 32, "L"), ("sub/d.png", 40, "RGBA"),
+             ("e.png", 32, "RGB")]
+    for i, (name, size, mode) in enumerate(specs):
+        img = Image.fromarray(test.images[i].permute(1, 2, 0).numpy()).resize((size, size)).convert(mode)
+        img.save(images / name, quality=95) if name.endswith(".jpg") else img.save(images / name)
+        mask = Image.fromarray((test.masks[i].numpy() * 255).astype("uint8"))
+        mask.save(masks / f"{Path(name).stem}.png")
+    return images, masks, [int(v) for v in test.labels]
+
+
+def test_explain_mode_writes_predictions_overlays_sheet_and_mask_scores(ckpt: str, tmp_path: Path) -> None:
+    import csv
+
+    from PIL import Image
+
+    images, masks, labels = _write_user_images(tmp_path)
+    out = run_audit(ckpt, tmp_path, "audit=explain", f"images={images}", f"explain.masks={masks}",
+                    "explainer=[grad_cam,integrated_gradients]", "explain.top_k=3")
+    d = Path(out["mode_dir"])
+    with open(d / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["image"]).name for r in rows] == ["a.png", "b.jpg", "e.png", "c.bmp", "d.png"]
+    assert all(len(r["top_k"].split("; ")) == 3 for r in rows)
+    names = ["circle", "square", "triangle", "cross"]
+    truth = {n: names[labels[i]] for i, n in enumerate(["a.png", "b.jpg", "c.bmp", "d.png", "e.png"])}
+    correct = sum(r["prediction"] == truth[Path(r["image"]).name] for r in rows)
+    assert correct >= 3  # resized, re-encoded (JPEG, grayscale) copies of test images: mostly still right
+    assert all(0 <= float(r["grad_cam/pointing_game"]) <= 1 and 0 <= float(r["grad_cam/mass_in_mask"]) <= 1
+               for r in rows)
+    assert {p.name for p in (d / "overlays").iterdir()} == {"a.png", "b.png", "c.png", "d.png", "e.png"}
+    sheet = Image.open(d / "contact_sheet.png")
+    assert sheet.width > 3 * 96 and sheet.height > 5 * 96  # image + 2 methods per row, 5 rows
+    assert "xaudit explain report" in (d / "report.md").read_text()
+
+
+def test_explain_mode_bad_paths_name_the_key(ckpt: str, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="images is not set"):
+        run_audit(ckpt, tmp_path, "audit=explain")
+    with pytest.raises(FileNotFoundError, match=r"images: .*nowhere does not exist"):
+        run_audit(ckpt, tmp_path, "audit=explain", f"images={tmp_path / 'nowhere'}")
+    images, _, _ = _write_user_images(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"explain\.masks"):
+        run_audit(ckpt, tmp_path, "audit=explain", f"images={images}", f"explain.masks={tmp_path / 'nomasks'}")

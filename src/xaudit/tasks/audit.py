@@ -72,7 +72,7 @@ from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.io import check_writable, file_sha256
 from xaudit.utils.progress import SweepProgress, quiet_lightning
 
-AUDIT_MODES: tuple[str, ...] = ("evaluate", *RETRAIN_MODES, "sanity", "shortcut", "concepts")
+AUDIT_MODES: tuple[str, ...] = ("evaluate", *RETRAIN_MODES, "sanity", "shortcut", "concepts", "explain")
 #: data keys that change how data is served, not what it is (left out of fingerprints)
 SERVING_KEYS = ("batch_size", "eval_batch_size", "num_workers")
 
@@ -231,6 +231,15 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     check_data_fits(classifier, datamodule, ckpt_path)
     methods = resolve_methods(cfg)
     out_dir = writable_audit_dir(cfg, ckpt_path)
+    if mode == "explain":  # the user's own images: no test split, no resumable cells
+        from xaudit.tasks.explain import run_explain
+
+        classifier.net.to(device)
+        batch_size = int(cfg.get("batch_size") or datamodule.eval_batch_size)
+        out = run_explain(cfg, classifier.net, datamodule, methods, out_dir / mode, device, batch_size, _is_writer())
+        if _is_writer():
+            log.info("Explained %d images; table %s", out["images"], out["files"]["csv"])
+        return out
     identity = {"checkpoint": file_sha256(ckpt_path), "data": data_identity(data_cfg), "target": target}
     datamodule.setup("test")
     stream = data_path(cfg)
