@@ -14,6 +14,7 @@ from xaudit.metrics import (
     RelevanceMass,
     SanityCheck,
     create_metric,
+    metric_class,
     metric_names,
     update_metric,
 )
@@ -96,8 +97,15 @@ def test_targets_and_images_are_checked(tiny_cnn, batch):
 
 
 def test_registry_builds_every_metric_by_name(tiny_cnn):
-    assert metric_names() == ["completeness", "deletion_insertion", "faithfulness_correlation", "local_lipschitz",
-                              "mask_iou", "max_sensitivity", "pointing_game", "relevance_mass", "sanity_check"]
+    # the original nine, plus Quantus' families (issue 29); every name builds from its defaults
+    assert {"completeness", "deletion_insertion", "faithfulness_correlation", "local_lipschitz", "mask_iou",
+            "max_sensitivity", "pointing_game", "relevance_mass", "sanity_check", "road", "sparseness",
+            "auc"} <= set(metric_names())
+    import inspect
+
+    for name in metric_names():
+        kw = {"model": tiny_cnn} if "model" in inspect.signature(metric_class(name)).parameters else {}
+        assert type(create_metric(name, **kw)).__name__ == metric_class(name).__name__
     m = create_metric("deletion_insertion", model=tiny_cnn, mode="insertion", steps=8)
     assert isinstance(m, DeletionInsertion) and m.mode == "insertion" and m.steps == 8
     assert isinstance(create_metric("pointing_game", tolerance=2), PointingGame)

@@ -14,27 +14,75 @@ robustness metrics (MaxSensitivity, LocalLipschitz) ``update(x, attr, target, ex
 
 from xaudit.metrics.axiomatic import Completeness
 from xaudit.metrics.base import SUBSTRATES, XAuditMetric, make_substrate, update_metric
+from xaudit.metrics.complexity import Complexity, EffectiveComplexity, Sparseness
+from xaudit.metrics.faithfulness import (
+    FaithfulnessEstimate,
+    Monotonicity,
+    MonotonicityCorrelation,
+    RegionPerturbation,
+    Selectivity,
+)
 from xaudit.metrics.localisation import MaskIoU, PointingGame, RelevanceMass
+from xaudit.metrics.localisation_quantus import (
+    AUC,
+    AttributionLocalisation,
+    Focus,
+    RelevanceRankAccuracy,
+    TopKIntersection,
+)
 from xaudit.metrics.perturbation import (
     DeletionInsertion,
     FaithfulnessCorrelation,
     faithfulness_correlation,
 )
 from xaudit.metrics.randomisation import SanityCheck, randomise_, spearman, ssim
+from xaudit.metrics.randomisation_quantus import EfficientMPRT, RandomLogit, SmoothMPRT
 from xaudit.metrics.registry import create_metric, metric_class, metric_names, register_metric
+from xaudit.metrics.road import ROAD
 from xaudit.metrics.robustness import LocalLipschitz, MaxSensitivity
+from xaudit.metrics.robustness_quantus import (
+    AvgSensitivity,
+    Consistency,
+    Continuity,
+    RelativeInputStability,
+    RelativeOutputStability,
+    RelativeRepresentationStability,
+)
 
 __all__ = [
+    "AUC",
+    "ROAD",
     "SUBSTRATES",
+    "AttributionLocalisation",
+    "AvgSensitivity",
     "Completeness",
+    "Complexity",
+    "Consistency",
+    "Continuity",
     "DeletionInsertion",
+    "EffectiveComplexity",
+    "EfficientMPRT",
     "FaithfulnessCorrelation",
+    "FaithfulnessEstimate",
+    "Focus",
     "LocalLipschitz",
     "MaskIoU",
     "MaxSensitivity",
+    "Monotonicity",
+    "MonotonicityCorrelation",
     "PointingGame",
+    "RandomLogit",
+    "RegionPerturbation",
+    "RelativeInputStability",
+    "RelativeOutputStability",
+    "RelativeRepresentationStability",
     "RelevanceMass",
+    "RelevanceRankAccuracy",
     "SanityCheck",
+    "Selectivity",
+    "SmoothMPRT",
+    "Sparseness",
+    "TopKIntersection",
     "XAuditMetric",
     "create_metric",
     "faithfulness_correlation",

@@ -129,7 +129,7 @@ def build_metrics(specs: dict[str, dict[str, Any]], net: nn.Module, method: str 
                               f"got {spec!r}.")
         kwargs = {k: v for k, v in spec.items() if k != "name"}
         cls = metric_class(str(spec["name"]))
-        if "x" in cls.update_inputs:
+        if "model" in inspect.signature(cls).parameters:  # metrics that run the classifier themselves
             kwargs["model"] = net
         if method is not None and "explainer" not in kwargs and "explainer" in inspect.signature(cls).parameters:
             kwargs["explainer"] = method

@@ -114,7 +114,11 @@ class _Robustness(ModelHolder, XAuditMetric):
         if self.normalise:
             perturbed, clean = _by_max(perturbed), _by_max(clean)
         ratios = self._ratio(perturbed - clean, clean, delta.float().flatten(2))  # [n,B]
-        self._add_values(ratios.amax(0))
+        self._add_values(self._reduce(ratios))
+
+    def _reduce(self, ratios: Tensor) -> Tensor:
+        """One value per image from the [n,B] ratios: their max (subclasses may average)."""
+        return ratios.amax(0)
 
 
 def _by_max(maps: Tensor) -> Tensor:
