@@ -13,6 +13,7 @@ robustness metrics (MaxSensitivity, LocalLipschitz) ``update(x, attr, target, ex
 """
 
 from xaudit.metrics.axiomatic import Completeness
+from xaudit.metrics.axiomatic_quantus import InputInvariance, NonSensitivity
 from xaudit.metrics.base import SUBSTRATES, XAuditMetric, make_substrate, update_metric
 from xaudit.metrics.complexity import Complexity, EffectiveComplexity, Sparseness
 from xaudit.metrics.faithfulness import (
@@ -22,6 +23,7 @@ from xaudit.metrics.faithfulness import (
     RegionPerturbation,
     Selectivity,
 )
+from xaudit.metrics.faithfulness_sets import IROF, Infidelity, SensitivityN, Sufficiency
 from xaudit.metrics.localisation import MaskIoU, PointingGame, RelevanceMass
 from xaudit.metrics.localisation_quantus import (
     AUC,
@@ -51,6 +53,7 @@ from xaudit.metrics.robustness_quantus import (
 
 __all__ = [
     "AUC",
+    "IROF",
     "ROAD",
     "SUBSTRATES",
     "AttributionLocalisation",
@@ -65,11 +68,14 @@ __all__ = [
     "FaithfulnessCorrelation",
     "FaithfulnessEstimate",
     "Focus",
+    "Infidelity",
+    "InputInvariance",
     "LocalLipschitz",
     "MaskIoU",
     "MaxSensitivity",
     "Monotonicity",
     "MonotonicityCorrelation",
+    "NonSensitivity",
     "PointingGame",
     "RandomLogit",
     "RegionPerturbation",
@@ -80,8 +86,10 @@ __all__ = [
     "RelevanceRankAccuracy",
     "SanityCheck",
     "Selectivity",
+    "SensitivityN",
     "SmoothMPRT",
     "Sparseness",
+    "Sufficiency",
     "TopKIntersection",
     "XAuditMetric",
     "create_metric",

@@ -50,12 +50,14 @@ BASELINES: tuple[str, ...] = ("black", "white", "mean")
 ORDERS: tuple[str, ...] = ("morf", "lerf", "random")
 
 
-def check_baseline(value: str | float, allowed: tuple[str, ...] = BASELINES) -> str | float:
-    """A ``perturb_baseline``: one of ``allowed`` or a number."""
+def check_baseline(value: str | float, allowed: tuple[str, ...] = BASELINES, key: str = "perturb_baseline") -> str | float:
+    """A Quantus-style ``perturb_baseline``: one of ``allowed`` (each image's own min "black" / max
+    "white" / mean over all channels and pixels) or a number in normalised units."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise ConfigError(f"perturb_baseline={value!r} must be one of {list(allowed)} or a number.")
+        raise ConfigError(f"{key}={value!r} must be one of {list(allowed)} (each image's own min / max / mean over "
+                          "all channels and pixels) or a number in normalised units (e.g. 0.0).")
     if isinstance(value, str):
-        return check_choice(value, allowed, "perturb_baseline", "perturb_baseline")
+        return check_choice(value, allowed, key, key)
     return float(value)
 
 
@@ -70,7 +72,7 @@ def baseline_values(x: Tensor, baseline: str | float) -> Tensor:
         v = flat.mean(1)
     else:
         v = torch.full((x.shape[0],), float(baseline), dtype=x.dtype, device=x.device)
-    return v.view(-1, 1, 1, 1)
+    return v.view(-1, 1, 1, 1).to(x.dtype)
 
 
 def feature_ranks(attr: Tensor, x: Tensor, descending: bool, tie_seed: int) -> Tensor:
