@@ -118,13 +118,17 @@ class InputInvariance(ModelHolder, XAuditMetric):
         check_images(x, name)
         check_attribution(attr, name, x)
         check_target(target, x.shape[0], name)
-        shifted = self.shifted_explainer(explainer)
-        xs = x + self.input_shift
-        maps = []
-        with evaluating(shifted.model, grad=True):
-            for i in range(0, x.shape[0], self.internal_batch_size):
-                maps.append(shifted.attribute(xs[i:i + self.internal_batch_size],
-                                              target[i:i + self.internal_batch_size]))
+        # the shifted copy is made outside inference mode (Lightning tests under it): tensors created there
+        # could never enter the explainer's autograd graph
+        with torch.inference_mode(False), torch.enable_grad():
+            shifted = self.shifted_explainer(explainer)
+            xs = x.clone() + self.input_shift
+            target = target.clone()
+            maps = []
+            with evaluating(shifted.model, grad=True):
+                for i in range(0, x.shape[0], self.internal_batch_size):
+                    maps.append(shifted.attribute(xs[i:i + self.internal_batch_size],
+                                                  target[i:i + self.internal_batch_size]))
         new = torch.cat(maps).to(attr.device, torch.float64)
         close = torch.isclose(attr.double(), new, rtol=self.rtol, atol=self.atol)
         self._add_values(close.flatten(1).all(1).double())
