@@ -13,6 +13,7 @@ from torchmetrics import CatMetric
 from xaudit.data.shapes import ShapesDataModule
 from xaudit.explainers import create
 from xaudit.metrics import road as road_mod
+from xaudit.metrics.axiomatic_quantus import InputInvariance
 from xaudit.metrics.randomisation_quantus import (
     EfficientMPRT,
     RandomLogit,
@@ -209,7 +210,8 @@ def test_randomisation_errors(setup) -> None:
 
 # -- DDP ------------------------------------------------------------------------------------
 class _Probe(pl.LightningModule):
-    """ROAD and RandomLogit updated per test batch; rank 0 saves the gathered values."""
+    """ROAD, RandomLogit, EfficientMPRT, SmoothMPRT and InputInvariance updated per test batch; rank 0
+    saves the gathered values."""
 
     def __init__(self, state: dict[str, torch.Tensor], out: str) -> None:
         super().__init__()
@@ -219,6 +221,9 @@ class _Probe(pl.LightningModule):
         self.out = out
         self.road = ROAD(self.net, percentiles=[25, 75])
         self.logit = RandomLogit(self.net, explainer="saliency")
+        self.emprt = EfficientMPRT(self.net, explainer="saliency")
+        self.smprt = SmoothMPRT(self.net, explainer="saliency", nr_samples=3)
+        self.invariance = InputInvariance(self.net)
         self.index = CatMetric()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -226,11 +231,16 @@ class _Probe(pl.LightningModule):
         attr = create("saliency", self.net).attribute(x, y)
         self.road.update(x, attr, y)
         self.logit.update(x, attr, y)
+        self.emprt.update(x, attr, y)
+        self.smprt.update(x, attr, y)
+        self.invariance.update(x, attr, y, create("saliency", self.net))
         self.index.update(batch["index"])
 
     def on_test_epoch_end(self) -> None:
         result = {"index": self.index.compute().long(), "road": self.road.per_sample(),
-                  "morf": self.road.morf_curves(), "logit": self.logit.per_sample()}
+                  "morf": self.road.morf_curves(), "logit": self.logit.per_sample(),
+                  "emprt": self.emprt.per_sample(), "smprt": self.smprt.per_sample(),
+                  "invariance": self.invariance.per_sample()}
         if self.trainer.is_global_zero:
             torch.save(result, self.out)
 
@@ -241,7 +251,7 @@ def _run(state: dict[str, torch.Tensor], out: Path, devices: int) -> dict[str, t
                          enable_model_summary=False, enable_checkpointing=False, **extra)
     dm = ShapesDataModule(n_train=8, n_val=8, n_test=11, eval_batch_size=4, seed=3)
     trainer.test(_Probe(state, str(out)), datamodule=dm, verbose=False)
-    return torch.load(out, weights_only=False)
+    return torch.load(out, weights_only=True)
 
 
 @pytest.mark.ddp
@@ -252,6 +262,6 @@ def test_ddp_two_processes_equal_one(tmp_path: Path) -> None:
     two = _run(state, tmp_path / "two.pt", devices=2)
     order = two["index"].argsort()
     assert one["index"].tolist() == list(range(11))
-    for key in ("road", "morf", "logit"):
+    for key in ("road", "morf", "logit", "emprt", "smprt", "invariance"):
         assert torch.isfinite(one[key]).all(), key
         torch.testing.assert_close(two[key][order], one[key], rtol=1e-4, atol=1e-5, msg=key)
