@@ -25,6 +25,7 @@ from xaudit.metrics.base import (
     XAuditMetric,
     blockwise_scores,
     check_attribution,
+    check_explainer,
     check_images,
     check_positive_int,
     check_target,
@@ -100,9 +101,7 @@ class InputInvariance(ModelHolder, XAuditMetric):
     def shifted_explainer(self, explainer: Explainer) -> Explainer:
         """A copy of ``explainer`` explaining the bias-shifted copy of the model."""
         name = type(self).__name__
-        if not isinstance(explainer, Explainer):
-            raise ValueError(f"{name}.update needs the explainer that produced attr (an xaudit Explainer, "
-                             f"e.g. create('saliency', model)); got {type(explainer).__name__}.")
+        check_explainer(explainer, name)
         if explainer.model is not self.model:
             raise ValueError(f"{name}: the explainer explains another model than the metric's; build both on the "
                              "same model.")

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
-from xaudit.explainers.base import compute_dtype
+from xaudit.explainers.base import Explainer, compute_dtype
 from xaudit.explainers.fills import FillLike, make_fill
 from xaudit.utils.errors import ConfigError, unknown_choice
 
@@ -216,6 +216,13 @@ def check_target(target: Tensor, batch: int, metric: str) -> None:
     if not isinstance(target, Tensor) or tuple(target.shape) != (batch,) or target.is_floating_point():
         got = f"{target.dtype} {list(target.shape)}" if isinstance(target, Tensor) else type(target).__name__
         raise ValueError(f"{metric}: target must be a long tensor [B]={[batch]} of class indices; got {got}.")
+
+
+def check_explainer(explainer: Any, metric: str) -> None:
+    """The metrics that re-explain need the xaudit Explainer that produced ``attr``."""
+    if not isinstance(explainer, Explainer):
+        raise ValueError(f"{metric}.update needs the explainer that produced attr (an xaudit Explainer, "
+                         f"e.g. create('saliency', model)); got {type(explainer).__name__}.")
 
 
 def check_mask(mask: Tensor | None, attr: Tensor, metric: str) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -74,15 +74,20 @@ def ssim(a: Tensor, b: Tensor, win_size: int = SSIM_WINDOW, k1: float = 0.01, k2
     def mean(t: Tensor) -> Tensor:
         return F.avg_pool2d(t[:, None], win_size, stride=1)[:, 0]
 
-    n = win_size**2
+    return ssim_map(a, b, mean, win_size**2, data_range, k1, k2).mean(dim=(1, 2))
+
+
+def ssim_map(a: Tensor, b: Tensor, mean: Callable[[Tensor], Tensor], n: int, data_range: Tensor, k1: float,
+             k2: float) -> Tensor:
+    """The SSIM of each window (Wang et al., 2004): ``mean`` averages over windows of ``n`` values
+    (sample covariance, as skimage), ``data_range`` broadcasts against the windows."""
     cov_norm = n / (n - 1)
     ux, uy = mean(a), mean(b)
     vx = cov_norm * (mean(a * a) - ux * ux)
     vy = cov_norm * (mean(b * b) - uy * uy)
     vxy = cov_norm * (mean(a * b) - ux * uy)
     c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    return s.mean(dim=(1, 2))
+    return ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
 
 
 # -- randomisation --------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from xaudit.metrics.randomisation import (
     parameter_steps,
     randomise_step_,
     spearman,
+    ssim_map,
 )
 from xaudit.metrics.registry import register_metric
 from xaudit.utils.errors import ConfigError
@@ -88,14 +89,7 @@ def ssim_1d(a: Tensor, b: Tensor, win_size: int = 7, k1: float = 0.01, k2: float
     def mean(t: Tensor) -> Tensor:
         return F.avg_pool1d(t[:, None], win_size, stride=1)[:, 0]
 
-    cov_norm = win_size / (win_size - 1)
-    ux, uy = mean(a), mean(b)
-    vx = cov_norm * (mean(a * a) - ux * ux)
-    vy = cov_norm * (mean(b * b) - uy * uy)
-    vxy = cov_norm * (mean(a * b) - ux * uy)
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux**2 + uy**2 + c1) * (vx + vy + c2))
-    return s.mean(dim=1)
+    return ssim_map(a, b, mean, win_size, data_range, k1, k2).mean(dim=1)
 
 
 def quantus_layers(model: nn.Module, order: str) -> list[str]:

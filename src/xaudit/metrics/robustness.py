@@ -22,6 +22,7 @@ the explainer that produced ``attr`` (the audit and the monitor pass it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -33,6 +34,7 @@ from xaudit.metrics.base import (
     ModelHolder,
     XAuditMetric,
     check_attribution,
+    check_explainer,
     check_images,
     check_positive_int,
     check_target,
@@ -74,12 +76,7 @@ class _Robustness(ModelHolder, XAuditMetric):
 
     def noise(self, x: Tensor) -> Tensor:
         """The ``n`` perturbations [n,B,C,H,W] of ``x`` (same seed and image → same noise)."""
-        out = torch.empty((self.n, *x.shape), dtype=x.dtype, device=x.device)
-        g = torch.Generator(device=x.device)
-        for i, s in enumerate(image_seeds(x, self.seed)):
-            g.manual_seed(s)
-            out[:, i] = self._draw(out[:, i].shape, g, x)
-        return out
+        return seeded_noise(x, self.n, self.seed, lambda shape, g: self._draw(shape, g, x))
 
     def _draw(self, shape: torch.Size, g: torch.Generator, x: Tensor) -> Tensor:
         raise NotImplementedError
@@ -90,17 +87,7 @@ class _Robustness(ModelHolder, XAuditMetric):
     def update(self, x: Tensor, attr: Tensor, target: Tensor, explainer: Explainer,
                noise: Tensor | None = None) -> None:
         """Score a batch; ``noise`` [n,B,C,H,W] replaces the seeded draws (parity tests)."""
-        name = type(self).__name__
-        check_images(x, name)
-        check_attribution(attr, name, x)
-        check_target(target, x.shape[0], name)
-        if not isinstance(explainer, Explainer):
-            raise ValueError(f"{name}.update needs the explainer that produced attr (an xaudit Explainer, "
-                             f"e.g. create('saliency', model)); got {type(explainer).__name__}.")
-        delta = self.noise(x) if noise is None else noise.to(x)
-        if delta.ndim != 5 or tuple(delta.shape[1:]) != tuple(x.shape):
-            raise ValueError(f"{name}: noise must be [n,B,C,H,W] with [B,C,H,W]={list(x.shape)}; "
-                             f"got {list(delta.shape)}.")
+        delta = checked_noise(self, x, attr, target, explainer, noise)
         n, b = delta.shape[:2]
         noisy = (x[None] + delta).flatten(0, 1)
         targets = target.repeat(n)
@@ -119,6 +106,33 @@ class _Robustness(ModelHolder, XAuditMetric):
     def _reduce(self, ratios: Tensor) -> Tensor:
         """One value per image from the [n,B] ratios: their max (subclasses may average)."""
         return ratios.amax(0)
+
+
+def seeded_noise(x: Tensor, n: int, seed: int, draw: Callable[[torch.Size, torch.Generator], Tensor]) -> Tensor:
+    """``n`` perturbations [n,B,C,H,W] of ``x``: ``draw(shape, generator)`` per image, the generator
+    seeded from the image's bits and ``seed`` (batch- and rank-independent, global RNG untouched)."""
+    out = torch.empty((n, *x.shape), dtype=x.dtype, device=x.device)
+    g = torch.Generator(device=x.device)
+    for i, s in enumerate(image_seeds(x, seed)):
+        g.manual_seed(s)
+        out[:, i] = draw(out[:, i].shape, g)
+    return out
+
+
+def checked_noise(metric: Any, x: Tensor, attr: Tensor, target: Tensor, explainer: Any,
+                  noise: Tensor | None) -> Tensor:
+    """A noise-based robustness metric's inputs checked, and its perturbations [n,B,C,H,W]: the metric's
+    seeded ``noise(x)``, or ``noise`` given by the caller (parity tests) checked against ``x``."""
+    name = type(metric).__name__
+    check_images(x, name)
+    check_attribution(attr, name, x)
+    check_target(target, x.shape[0], name)
+    check_explainer(explainer, name)
+    delta = metric.noise(x) if noise is None else noise.to(x)
+    if delta.ndim != 5 or tuple(delta.shape[1:]) != tuple(x.shape):
+        raise ValueError(f"{name}: noise must be [n,B,C,H,W] with [B,C,H,W]={list(x.shape)}; "
+                         f"got {list(delta.shape)}.")
+    return delta
 
 
 def _by_max(maps: Tensor) -> Tensor:

@@ -27,13 +27,13 @@ import torch
 from torch import Tensor, nn
 
 from xaudit.explainers.base import Explainer
-from xaudit.explainers.baselines import image_seeds
 from xaudit.explainers.hooks import layer_names, record_output, resolve_layer
 from xaudit.metrics.base import (
     ModelHolder,
     XAuditMetric,
     check_attribution,
     check_choice,
+    check_explainer,
     check_images,
     check_positive_int,
     check_target,
@@ -42,7 +42,12 @@ from xaudit.metrics.base import (
     model_logits,
 )
 from xaudit.metrics.registry import register_metric
-from xaudit.metrics.robustness import MaxSensitivity, check_positive_float
+from xaudit.metrics.robustness import (
+    MaxSensitivity,
+    check_positive_float,
+    checked_noise,
+    seeded_noise,
+)
 from xaudit.utils.errors import ConfigError
 
 __all__ = [
@@ -53,12 +58,6 @@ __all__ = [
     "RelativeOutputStability",
     "RelativeRepresentationStability",
 ]
-
-
-def _check_explainer(explainer: Any, name: str) -> None:
-    if not isinstance(explainer, Explainer):
-        raise ValueError(f"{name}.update needs the explainer that produced attr (an xaudit Explainer, "
-                         f"e.g. create('saliency', model)); got {type(explainer).__name__}.")
 
 
 def _check_bool(value: Any, key: str, what: str) -> bool:
@@ -255,7 +254,7 @@ class Continuity(ModelHolder, XAuditMetric):
         check_images(x, "Continuity")
         check_attribution(attr, "Continuity", x)
         check_target(target, x.shape[0], "Continuity")
-        _check_explainer(explainer, "Continuity")
+        check_explainer(explainer, "Continuity")
         b = x.shape[0]
         shifts = self.shifts(x.shape[-1]).to(x.device)
         clean = self._prep(attr)
@@ -303,13 +302,11 @@ class _RelativeStability(ModelHolder, XAuditMetric):
 
     def noise(self, x: Tensor) -> Tensor:
         """The ``n`` perturbations [n,B,C,H,W] of ``x``, U(lower_bound, upper_bound) per element."""
-        out = torch.empty((self.n, *x.shape), dtype=x.dtype, device=x.device)
-        g = torch.Generator(device=x.device)
-        for i, s in enumerate(image_seeds(x, self.seed)):
-            g.manual_seed(s)
-            u = torch.rand(out[:, i].shape, generator=g, device=x.device, dtype=x.dtype)
-            out[:, i] = self.lower_bound + u * (self.upper_bound - self.lower_bound)
-        return out
+        def draw(shape: torch.Size, g: torch.Generator) -> Tensor:
+            u = torch.rand(shape, generator=g, device=x.device, dtype=x.dtype)
+            return self.lower_bound + u * (self.upper_bound - self.lower_bound)
+
+        return seeded_noise(x, self.n, self.seed, draw)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Logits [N,K] and the representation [N,D] compared in the denominator."""
@@ -326,15 +323,7 @@ class _RelativeStability(ModelHolder, XAuditMetric):
     def update(self, x: Tensor, attr: Tensor, target: Tensor, explainer: Explainer,
                noise: Tensor | None = None) -> None:
         """Score a batch; ``noise`` [n,B,C,H,W] replaces the seeded draws (parity tests)."""
-        name = type(self).__name__
-        check_images(x, name)
-        check_attribution(attr, name, x)
-        check_target(target, x.shape[0], name)
-        _check_explainer(explainer, name)
-        delta = self.noise(x) if noise is None else noise.to(x)
-        if delta.ndim != 5 or tuple(delta.shape[1:]) != tuple(x.shape):
-            raise ValueError(f"{name}: noise must be [n,B,C,H,W] with [B,C,H,W]={list(x.shape)}; "
-                             f"got {list(delta.shape)}.")
+        delta = checked_noise(self, x, attr, target, explainer, noise)
         n, b = delta.shape[:2]
         noisy = (x[None] + delta).flatten(0, 1)
         targets = target.repeat(n)
