@@ -140,6 +140,12 @@ class CAMExplainer(Explainer):
         else:
             self.target_layers = [resolve_layer(model, target_layer)]
         self.target_layer = self.target_layers[0] if len(self.target_layers) == 1 else self.target_layers
+        self._map_options(relu, normalize, aug_smooth, eigen_smooth, eigen_sign)
+        self.reshape, self.prefix_tokens, self.grid = check_reshape_options(reshape, prefix_tokens, grid)
+
+    def _map_options(self, relu: bool | None, normalize: bool, aug_smooth: bool, eigen_smooth: bool,
+                     eigen_sign: str) -> None:
+        """The options every CAM shares (class docstring), checked and stored."""
         self.relu = self.default_relu if relu is None else bool(relu)
         self.normalize = bool(normalize)
         self.aug_smooth = bool(aug_smooth)
@@ -147,7 +153,6 @@ class CAMExplainer(Explainer):
         if eigen_sign not in EIGEN_SIGNS:
             raise unknown_choice("eigen_sign", eigen_sign, EIGEN_SIGNS, key="explainer.eigen_sign")
         self.eigen_sign = eigen_sign
-        self.reshape, self.prefix_tokens, self.grid = check_reshape_options(reshape, prefix_tokens, grid)
 
     def channel_weights(self, a: LayerActivations) -> Tensor:
         """Weights [B,K] (or [B,K,h,w] for pixel-wise weights) for the activations ``a.acts``."""
@@ -559,13 +564,7 @@ class FullGrad(CAMExplainer):
                  eigen_smooth: bool = False, eigen_sign: str = "positive") -> None:
         Explainer.__init__(self, model)
         self.target_layers, self.target_layer = [], None  # ignored, as in pytorch-grad-cam
-        self.relu = self.default_relu if relu is None else bool(relu)
-        self.normalize = bool(normalize)
-        self.aug_smooth = bool(aug_smooth)
-        self.eigen_smooth = bool(eigen_smooth)
-        if eigen_sign not in EIGEN_SIGNS:
-            raise unknown_choice("eigen_sign", eigen_sign, EIGEN_SIGNS, key="explainer.eigen_sign")
-        self.eigen_sign = eigen_sign
+        self._map_options(relu, normalize, aug_smooth, eigen_smooth, eigen_sign)
 
     def cam(self, x: Tensor, target: Target) -> Tensor:
         size = (x.shape[-2], x.shape[-1])
