@@ -518,8 +518,11 @@ def test_explain_mode_writes_predictions_overlays_sheet_and_mask_scores(ckpt: st
     from PIL import Image
 
     images, masks, labels = _write_user_images(tmp_path)
-    out = run_audit(ckpt, tmp_path, "audit=explain", f"images={images}", f"explain.masks={masks}",
-                    "explainer=[grad_cam,integrated_gradients]", "explain.top_k=3")
+    (images / "broken.png").write_bytes(b"not an image")  # reported and skipped, the rest still explained
+    with pytest.warns(UserWarning, match=r"broken\.png could not be read as an image"):
+        out = run_audit(ckpt, tmp_path, "audit=explain", f"images={images}", f"explain.masks={masks}",
+                        "explainer=[grad_cam,integrated_gradients]", "explain.top_k=3")
+    assert len(out["skipped"]) == 1 and "broken.png" in out["skipped"][0]
     d = Path(out["mode_dir"])
     with open(d / "predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -534,7 +537,8 @@ def test_explain_mode_writes_predictions_overlays_sheet_and_mask_scores(ckpt: st
     assert {p.name for p in (d / "overlays").iterdir()} == {"a.png", "b.png", "c.png", "d.png", "e.png"}
     sheet = Image.open(d / "contact_sheet.png")
     assert sheet.width > 3 * 96 and sheet.height > 5 * 96  # image + 2 methods per row, 5 rows
-    assert "xaudit explain report" in (d / "report.md").read_text()
+    report = (d / "report.md").read_text()
+    assert "xaudit explain report" in report and "Skipped (not readable as images): 1" in report
 
 
 def test_explain_mode_bad_paths_name_the_key(ckpt: str, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ training, and writes into ``<out_dir>/explain/``:
   game and the relevance mass of every method against the mask);
 - ``overlays/<name>.png``: the image and one overlay per method (the top-1 class explained);
 - ``contact_sheet.png``: every image (up to ``explain.sheet_max``) × every method;
-- ``report.md`` / ``report.html``: the table and the sheet.
+- ``report.md`` / ``report.html``: the table and the sheet (and the files skipped: a file PIL cannot
+  read is reported with a warning and skipped, the others are explained).
 
 ``explain.masks=DIR``: binary masks (any format; nonzero = object) named like the images (same file
 stem, any extension), scored with the pointing game and the relevance mass.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -58,19 +60,26 @@ def image_files(spec: str | Sequence[str] | None, key: str = "images") -> list[P
     return out
 
 
-def load_images(paths: Sequence[Path], size: int, channels: int = 3) -> Tensor:
-    """uint8 [N,C,size,size]: each file decoded by PIL, converted to RGB (or L), resized bilinearly."""
+def load_images(paths: Sequence[Path], size: int, channels: int = 3) -> tuple[Tensor, list[Path], list[str]]:
+    """(uint8 [N,C,size,size], the files read, one "file: reason" per file skipped): each file decoded
+    by PIL, converted to RGB (or L), resized bilinearly; a file PIL cannot read is skipped with a
+    warning, the others are still explained."""
     mode = "L" if channels == 1 else "RGB"
-    out = []
+    out, kept, skipped = [], [], []
     for p in paths:
         try:
             with Image.open(p) as im:
                 img = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR)
         except OSError as err:
-            raise ConfigError(f"images: {p} could not be read as an image ({err}); remove it or convert it.") from None
+            skipped.append(f"{p}: {err}")
+            warnings.warn(f"images: {p} could not be read as an image ({err}); skipped.", UserWarning, stacklevel=2)
+            continue
         t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).view(size, size, len(mode))
         out.append(t.permute(2, 0, 1))
-    return torch.stack(out)
+        kept.append(p)
+    if not out:
+        raise ConfigError(f"images: none of the {len(paths)} files could be read as an image ({skipped[:3]}).")
+    return torch.stack(out), kept, skipped
 
 
 def load_masks(mask_dir: str, paths: Sequence[Path], size: int) -> Tensor:
@@ -96,9 +105,8 @@ def run_explain(cfg: Any, net: nn.Module, datamodule: Any, methods: dict[str, di
                 device: torch.device, batch_size: int, is_writer: bool = True) -> dict[str, Any]:
     """Predict and explain every image; write the table, overlays, contact sheet and report (rank 0)."""
     ex = cfg.get("explain") or {}
-    paths = image_files(cfg.get("images"))
     size = int(datamodule.image_size)
-    images = load_images(paths, size, int(getattr(datamodule, "in_chans", 3)))
+    images, paths, skipped = load_images(image_files(cfg.get("images")), size, int(getattr(datamodule, "in_chans", 3)))
     masks = load_masks(str(ex["masks"]), paths, size) if ex.get("masks") else None
     top_k = min(int(ex.get("top_k", 5)), int(datamodule.num_classes))
     if top_k < 1:
@@ -134,16 +142,16 @@ def run_explain(cfg: Any, net: nn.Module, datamodule: Any, methods: dict[str, di
             for i, (v1, v2) in enumerate(zip(pg.per_sample().tolist(), rm.per_sample().tolist())):
                 rows[i][f"{m}/pointing_game"] = round(v1, 6)
                 rows[i][f"{m}/mass_in_mask"] = round(v2, 6)
-    out = {"mode": "explain", "mode_dir": str(mode_dir), "images": len(paths), "rows": rows}
+    out = {"mode": "explain", "mode_dir": str(mode_dir), "images": len(paths), "rows": rows, "skipped": skipped}
     if is_writer:
         out["files"] = _write(mode_dir, paths, images, attr, rows, names, top_c, top_p, masks, int(ex.get("cell", 128)),
-                              int(ex.get("sheet_max", 64)))
+                              int(ex.get("sheet_max", 64)), skipped)
     return out
 
 
 def _write(d: Path, paths: Sequence[Path], images: Tensor, attr: dict[str, Tensor], rows: list[dict[str, Any]],
            names: Sequence[str], top_c: Tensor, top_p: Tensor, masks: Tensor | None, cell: int,
-           sheet_max: int) -> dict[str, str]:
+           sheet_max: int, skipped: Sequence[str]) -> dict[str, str]:
     methods = list(attr)
     signed = [is_signed(m) for m in methods]
     rgb = images.float() / 255.0
@@ -169,7 +177,9 @@ def _write(d: Path, paths: Sequence[Path], images: Tensor, attr: dict[str, Tenso
           "the top-1 class." + (" Masks: pointing game and relevance mass per method." if masks is not None else ""),
           "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols),
           *["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows], "",
-          f"![contact sheet (first {n} images)](contact_sheet.png)", ""]
+          f"![contact sheet (first {n} images)](contact_sheet.png)", "",
+          *([f"Skipped (not readable as images): {len(skipped)}", "", *[f"- {k}" for k in skipped], ""] if skipped
+            else [])]
     atomic_write_text(d / "report.md", "\n".join(md))
     table = "".join("<tr>" + "".join(f"<td>{html.escape(str(r.get(c, '')))}</td>" for c in cols) + "</tr>"
                     for r in rows)
