@@ -3,12 +3,17 @@
 Every ``every_n_epochs`` validation epochs the monitor explains a fixed, class-balanced probe
 batch with each configured method, logs one overlay grid (rows = samples; columns = image |
 one map per method; row captions = true/predicted label and probability), per-method quality
-scalars under ``explain/<method>/<metric>`` and, for W&B, a table of per-sample values.
+scalars under ``explain/<method>/<metric>`` and a table of per-sample values (W&B table, TensorBoard text, MLflow JSON artifact).
 
 It never changes training: the probe batch is drawn with its own generator, explainers and
 metrics run in eval mode without touching ``param.grad``, BatchNorm statistics or the global RNG.
 Under DDP every rank computes the same (small) probe batch, so no collective is needed and the
 values equal a single-device run; only rank zero writes images, tables and files.
+
+On multi-label data (``label`` multi-hot [B,K], ``mask`` [B,K,H,W]) the probe's images are
+expanded to (image, present class) pairs: one grid row, one map per method and one score per
+pair, captioned with the class and its sigmoid probability; the table's ``sample`` is the
+probe image and ``class`` the explained class.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from xaudit.data.base import dataset_labels
 from xaudit.explainers import UnsupportedModelError, create
 from xaudit.explainers import names as explainer_names
 from xaudit.explainers.registry import is_signed
+from xaudit.explainers.targets import present_pairs
 from xaudit.metrics import (
     DeletionInsertion,
     LocalLipschitz,
@@ -35,7 +41,7 @@ from xaudit.metrics import (
     RelevanceMass,
     spearman,
 )
-from xaudit.metrics.base import evaluating, forward_probs, model_device_dtype
+from xaudit.metrics.base import evaluating, forward_probs, model_device_dtype, model_logits
 from xaudit.metrics.registry import TORCHMETRICS_OPTIONS
 from xaudit.reporting.overlays import grid_image
 from xaudit.utils.errors import ConfigError, check_options, unknown_choice
@@ -63,7 +69,20 @@ def balanced_indices(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
     return torch.tensor(picked)
 
 
+def expand_probe(probe: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A multi-label probe (``label`` multi-hot [N,K], ``mask`` [N,K,H,W]) as (image, present class)
+    rows: ``label`` the class [P], ``mask`` that class's mask [P,H,W], ``image_index`` the probe image
+    [P] and ``labels`` its multi-hot row; other keys repeated per row."""
+    image, cls = present_pairs(probe["label"])
+    out = {k: v[image] for k, v in probe.items() if k not in ("label", "mask")}
+    out.update(label=cls, image_index=image, labels=probe["label"][image])
+    if "mask" in probe:
+        out["mask"] = probe["mask"][image, cls]
+    return out
+
+
 #: the monitor's methods with ``explainers="auto"``: CAM needs a GAP→linear head (skipped otherwise)
+
 CNN_EXPLAINERS: tuple[str, ...] = ("cam", "grad_cam", "saliency")
 #: on a vision transformer: Grad-CAM on the last block's tokens, saliency, attention rollout
 TRANSFORMER_EXPLAINERS: tuple[str, ...] = ("grad_cam", "saliency", "attention_rollout")
@@ -83,7 +102,8 @@ class ExplanationMonitor(pl.Callback):
             mapping name → keyword arguments for :func:`xaudit.explainers.create` (e.g.
             ``{"grad_cam": {"target_layer": "layer3"}}``). ``cam`` on a backbone without a GAP→linear head is skipped with one warning.
         every_n_epochs: run after validation of every N-th epoch (epoch 0 included).
-        num_samples: probe batch size, drawn class-balanced from the validation set.
+        num_samples: probe batch size, drawn class-balanced from the validation set (on multi-label
+            data: images, balanced by their first class, each giving one row per present class).
         metrics: subset of ``deletion, insertion, mass_in_mask, pointing_game, max_sensitivity,
             local_lipschitz``, or ``"auto"`` (the first four; the mask metrics are skipped with a
             warning on data without masks). The robustness metrics are opt-in: each costs ``n``
@@ -95,7 +115,7 @@ class ExplanationMonitor(pl.Callback):
         substrate: deletion/insertion substrate; null: RISE's (zeros for deletion, its blur for
             insertion). The monitor explains and scores the true class of each probe image.
         seed: seeds the probe-batch choice (a private generator).
-        log_images / log_table: turn off the grid image / W&B table.
+        log_images / log_table: turn off the grid image / per-sample table.
     """
 
     def __init__(
@@ -159,6 +179,7 @@ class ExplanationMonitor(pl.Callback):
         self.previous: dict[str, torch.Tensor] = {}
         self.class_names: list[str] | None = None
         self.history: list[dict[str, float]] = []
+        self.multilabel = False  # set from the probe's labels in _build
 
     # -- setup: everything that can be wrong fails here, before the first epoch -------------------
     # The probe is drawn in ``setup`` (config errors surface before anything runs), but the dry run
@@ -193,10 +214,15 @@ class ExplanationMonitor(pl.Callback):
             raise ConfigError(
                 f"callbacks.explanation_monitor.num_samples={self.num_samples} exceeds the {n} validation "
                 f"samples; use num_samples ≤{n}.")
-        idx = balanced_indices(dataset_labels(dataset), self.num_samples, self.seed)
+        labels = dataset_labels(dataset)
+        self.multilabel = labels.ndim == 2
+        # multi-label: balanced by each image's first present class (argmax of the multi-hot row)
+        idx = balanced_indices(labels.argmax(1) if self.multilabel else labels, self.num_samples, self.seed)
         items = [dataset[int(i)] for i in idx]
         probe = {k: torch.stack([torch.as_tensor(it[k]) for it in items]).cpu() for k in items[0]}
         probe["image"] = probe["image"].float()
+        if self.multilabel:
+            probe = expand_probe(probe)
         has_mask = "mask" in probe
         wanted_masks = [m for m in self.metric_names if m in MASK_METRICS]
         if wanted_masks and not has_mask:
@@ -280,7 +306,8 @@ class ExplanationMonitor(pl.Callback):
         values: dict[str, dict[str, torch.Tensor]] = {}
         with evaluating(model, grad=True):
             with torch.no_grad():
-                probs = forward_probs(model, x)
+                # multi-label: independent classes, each with its own sigmoid
+                probs = model_logits(model, x).float().sigmoid() if self.multilabel else forward_probs(model, x)
             for name, explainer in self.explainers.items():
                 attr = explainer.attribute(x, y)
                 maps[name] = attr
@@ -312,6 +339,10 @@ class ExplanationMonitor(pl.Callback):
     # -- output -----------------------------------------------------------------------------------
     def _caption(self, i: int, result: dict[str, Any]) -> str:
         assert self.probe is not None
+        if self.multilabel:
+            c = int(self.probe["label"][i])
+            return (f"image {int(self.probe['image_index'][i])}: {self._class_name(c)}\n"
+                    f"p({self._class_name(c)}) = {float(result['probs'][i, c]):.2f}")
         y, p = int(self.probe["label"][i]), int(result["pred"][i])
         prob = float(result["probs"][i, p])
         return f"true: {self._class_name(y)}\npred: {self._class_name(p)} ({prob:.2f})"
@@ -319,37 +350,58 @@ class ExplanationMonitor(pl.Callback):
     def _class_name(self, c: int) -> str:
         return self.class_names[c] if self.class_names and c < len(self.class_names) else str(c)
 
-    def grid(self, result: dict[str, Any]) -> Any:
-        """The overlay grid (a PIL image) of one :meth:`explain` result; signed methods
-        (:func:`~xaudit.explainers.registry.is_signed`) keep their sign on a diverging colormap."""
+    def grid(self, result: dict[str, Any], epoch: int | None = None) -> Any:
+        """The overlay grid (a PIL image) of one :meth:`explain` result: the explained class named
+        per row, misclassified rows in red (multi-label: a present class scored below 0.5), the
+        ground-truth mask outlined, a colour bar per method and epoch + probe accuracy on top.
+        Signed methods (:func:`~xaudit.explainers.registry.is_signed`) keep their sign on a
+        diverging colormap."""
         assert self.probe is not None
         x = self.probe["image"]
         images = self._denorm(x) if callable(self._denorm) else (x - x.amin()) / (x.amax() - x.amin() + 1e-7)
         captions = [self._caption(i, result) for i in range(x.shape[0])]
         methods = list(result["maps"])
+        y = self.probe["label"]
+        probs = result["probs"]
+        if self.multilabel:  # row i explains present class y[i]: detected when its sigmoid is ≥ 0.5
+            correct = (probs.gather(1, y.to(probs.device).view(-1, 1)).squeeze(1) >= 0.5).tolist()
+            what = "present classes detected"
+        else:
+            correct = (result["pred"].to(y.device) == y).tolist()
+            what = "probe accuracy"
+        acc = sum(correct) / max(len(correct), 1)
+        title = (f"epoch {epoch} - " if epoch is not None else "") + f"{what} {acc:.2f}"
         return grid_image(images, list(result["maps"].values()), methods, captions, cell=self.cell,
-                          signed=[is_signed(m) for m in methods])
+                          signed=[is_signed(m) for m in methods], explained=[self._class_name(int(c)) for c in y],
+                          correct=correct, masks=self.probe.get("mask"), colorbar=True, title=title)
 
     def _write(self, trainer: pl.Trainer, epoch: int, result: dict[str, Any]) -> None:
         out_dir = Path(trainer.default_root_dir) / "explanations"
         out_dir.mkdir(parents=True, exist_ok=True)
-        image = self.grid(result) if self.log_images else None
+        image = self.grid(result, epoch) if self.log_images else None
         if image is not None:
             image.save(out_dir / f"epoch_{epoch:03d}.png")
-        for logger in trainer.loggers:
-            if type(logger).__name__ != "WandbLogger":
-                continue
+        from xaudit.utils import log_media  # local: this method is the only user
+
+        table = self._table(epoch, result) if self.log_table else None
+        for logger in trainer.loggers:  # W&B, TensorBoard, MLflow; CSV and others: scalars only
             if image is not None:
-                logger.log_image(key="explain/grid", images=[image], caption=[f"epoch {epoch}"],
-                                 step=trainer.global_step)
-            if self.log_table:
-                columns, rows = self._table(epoch, result)
-                logger.log_table(key="explain/per_sample", columns=columns, data=rows, step=trainer.global_step)
+                log_media.log_image(logger, "explain/grid", image, trainer.global_step, caption=f"epoch {epoch}")
+            if table is not None:
+                log_media.log_table(logger, "explain/per_sample", *table, step=trainer.global_step)
+            log_media.flush(logger)
 
     def _table(self, epoch: int, result: dict[str, Any]) -> tuple[list[str], list[list[Any]]]:
         assert self.probe is not None
         keys = sorted({k for vals in result["values"].values() for k in vals})
         rows = []
+        if self.multilabel:  # one row per (image, present class) pair and method
+            for name, vals in result["values"].items():
+                for i in range(self.probe["image"].shape[0]):
+                    c = int(self.probe["label"][i])
+                    rows.append([epoch, int(self.probe["image_index"][i]), self._class_name(c), name,
+                                 float(result["probs"][i, c]), *[float(vals[k][i]) if k in vals else None for k in keys]])
+            return ["epoch", "sample", "class", "method", "prob", *keys], rows
         for name, vals in result["values"].items():
             for i in range(self.probe["image"].shape[0]):
                 p = int(result["pred"][i])

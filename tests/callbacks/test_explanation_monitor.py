@@ -55,8 +55,9 @@ def test_csv_logger_gets_scalars_and_png_grids(make_cfg) -> None:
     from PIL import Image
 
     grid = Image.open(Path(out["run_dir"]) / "explanations" / "epoch_001.png")
-    # 8 rows of 96 px cells under a title bar; image + 3 method columns beside the captions
-    assert grid.height == 22 + 8 * 96 and grid.width == 170 + 4 * 96
+    # 8 rows of 96 px cells under the column titles, plus the epoch/accuracy line and the colour bars
+    # (48 px together); image + 3 method columns beside the captions
+    assert grid.height == 22 + 8 * 96 + 48 and grid.width == 170 + 4 * 96
 
 
 def test_monitor_changes_nothing_about_training(make_cfg, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ import xaudit.metrics.complexity as cx
 import xaudit.metrics.localisation_quantus as lq
 from xaudit.explainers import create
 from xaudit.metrics.base import update_metric
+from xaudit.metrics.faithfulness_sets import Sufficiency
 from xaudit.metrics.registry import create_metric, metric_class
 from xaudit.utils.errors import ConfigError
 
@@ -253,7 +254,7 @@ def test_bad_inputs_name_the_fix():
 
 # -- DDP -------------------------------------------------------------------------------------
 class ProbeModule(pl.LightningModule):
-    """Updates the map-only and mask metrics (all deterministic per sample) in ``test_step``."""
+    """Updates the map-only and mask metrics, Focus and Sufficiency in ``test_step``."""
 
     def __init__(self, state: dict[str, torch.Tensor], out: str) -> None:
         super().__init__()
@@ -266,16 +267,18 @@ class ProbeModule(pl.LightningModule):
         self.metrics = nn.ModuleDict({
             "sparseness": cx.Sparseness(), "complexity": cx.Complexity(), "effective": cx.EffectiveComplexity(),
             "attr_loc": lq.AttributionLocalisation(), "auc": lq.AUC(), "rra": lq.RelevanceRankAccuracy(),
-            "topk": lq.TopKIntersection(),
+            "topk": lq.TopKIntersection(), "focus": lq.Focus(), "sufficiency": Sufficiency(self.net),
         })
         from torchmetrics import CatMetric
 
         self.index = CatMetric()
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        attr = create("saliency", self.net).attribute(batch["image"], batch["label"])
+        explainer = create("saliency", self.net)
+        attr = explainer.attribute(batch["image"], batch["label"])
         for metric in self.metrics.values():
-            update_metric(metric, attr=attr, mask=batch["mask"])
+            update_metric(metric, x=batch["image"], attr=attr, target=batch["label"], mask=batch["mask"],
+                          explainer=explainer)
         self.index.update(batch["index"])
 
     def on_test_epoch_end(self) -> None:
@@ -292,14 +295,15 @@ def run_probe(state: dict[str, torch.Tensor], out: Path, devices: int) -> dict[s
     extra = {"strategy": "ddp_spawn"} if devices > 1 else {}
     trainer = pl.Trainer(accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False,
                          enable_model_summary=False, enable_checkpointing=False, **extra)
-    dm = ShapesDataModule(n_train=8, n_val=8, n_test=13, eval_batch_size=4, seed=3)
+    dm = ShapesDataModule(n_train=8, n_val=8, n_test=13, eval_batch_size=5, seed=3)
     trainer.test(ProbeModule(state, str(out)), datamodule=dm, verbose=False)
     return torch.load(out, weights_only=False)
 
 
 @pytest.mark.ddp
 def test_two_processes_equal_one(tmp_path):
-    """Focus is left out: its mosaics are drawn from each batch, and DDP composes batches differently."""
+    """Every metric, Focus (mosaics drawn from the batch) and Sufficiency (neighbours in the batch)
+    included: evaluation shards are whole batches, so a batch is the same on 1 and 2 processes."""
     from xaudit.models.backbones import build_backbone
 
     torch.manual_seed(0)
@@ -308,7 +312,11 @@ def test_two_processes_equal_one(tmp_path):
     two = run_probe(state, tmp_path / "two.pt", devices=2)
     assert sorted(two["index"].tolist()) == list(range(13)) and two["index"].tolist() != list(range(13))
     order = two["index"].argsort()
-    for name in ("sparseness", "complexity", "effective", "attr_loc", "auc", "rra", "topk"):
+    # 13 samples in batches of 5: rank 0 takes [0, 5) and [10, 13), rank 1 takes [5, 10)
+    assert two["index"].tolist() == [0, 1, 2, 3, 4, 10, 11, 12, 5, 6, 7, 8, 9]
+    for name in ("focus", "sufficiency"):  # enough defined values that the comparison means something
+        assert int(torch.isfinite(one[name]["per_sample"]).sum()) >= 5, name
+    for name in ("sparseness", "complexity", "effective", "attr_loc", "auc", "rra", "topk", "focus", "sufficiency"):
         a, b = one[name], two[name]
         assert a["per_sample"].shape == b["per_sample"].shape == (13,), name
         torch.testing.assert_close(b["per_sample"][order], a["per_sample"][one["index"].argsort()],

@@ -15,13 +15,13 @@ from PIL import Image
 from scipy.stats import ttest_ind
 from torch import nn
 
+from xaudit.concepts.sources import default_concept_layer
+from xaudit.concepts.tcav import layer_activations, learn_cav, t_test, tcav_score
 from xaudit.data.shapes import generate_shapes
 from xaudit.models import build_backbone
 from xaudit.reporting.wandb_offline import find_offline_runs
 from xaudit.tasks.audit import audit
-from xaudit.tasks.concepts import default_concept_layer
 from xaudit.tasks.train import train
-from xaudit.tcav import layer_activations, learn_cav, t_test, tcav_score
 from xaudit.utils.errors import ConfigError
 
 from xaudit_testing import AUDITED_TRAIN, QUIET, compose_config

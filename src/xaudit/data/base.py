@@ -99,23 +99,45 @@ def random_crop_flip(
     return img, mask
 
 
+def eval_shard(n: int, batch_size: int, rank: int, world: int) -> torch.Tensor:
+    """Dataset indices rank ``rank`` of ``world`` evaluates (long, CPU): whole batches, dealt round-robin.
+
+    The split is cut into batches of ``batch_size`` in dataset order and rank r takes batches r,
+    r+W, r+2W, ...: no padding, no duplicates, and every batch holds exactly the samples it holds
+    on one device — so metrics whose per-sample value depends on the other samples of its batch
+    (Focus's mosaics, Sufficiency's neighbours, feature permutation) give the same values under
+    DDP. A split of W-1 batches or fewer is cut into W contiguous near-equal parts instead, so
+    that no rank is left without a batch (Lightning skips a rank's evaluation loop, and with it
+    the metrics' collective reduction, when it has none); batch-dependent values then differ
+    from one device's.
+    """
+    if batch_size < 1 or world < 1 or not 0 <= rank < world:
+        raise ValueError(f"eval_shard: need batch_size >= 1 and 0 <= rank < world; got {batch_size}, {rank}, {world}.")
+    if n <= (world - 1) * batch_size:
+        return torch.arange(n).tensor_split(world)[rank]
+    starts = range(rank * batch_size, n, world * batch_size)
+    return torch.cat([torch.arange(s, min(s + batch_size, n)) for s in starts])
+
+
 class UnpaddedDistributedSampler(DistributedSampler):
-    """Shards an evaluation set across ranks *without* padding or duplicates.
+    """Shards an evaluation set across ranks *without* padding or duplicates, whole batches at a time.
 
     ``torch.utils.data.DistributedSampler`` repeats samples so every rank gets the same count,
-    which biases metrics. Here rank r takes indices r, r+W, r+2W, ...; ranks may differ by one
-    sample, and torchmetrics' sum/cat states reduce that exactly. Subclassing DistributedSampler
-    tells Lightning not to replace it.
+    which biases metrics, and interleaves samples, which changes every batch's composition. Here
+    rank r takes the batches r, r+W, ... of ``batch_size`` samples (:func:`eval_shard`); ranks may
+    differ by one batch, and torchmetrics' sum/cat states reduce that exactly. Subclassing
+    DistributedSampler tells Lightning not to replace it.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, batch_size: int = 1) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
         n = len(dataset)  # type: ignore[arg-type]
-        self.num_samples = len(range(rank, n, num_replicas))
+        self.indices = eval_shard(n, int(batch_size), rank, num_replicas).tolist()
+        self.num_samples = len(self.indices)
         self.total_size = n
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.total_size, self.num_replicas))
+        return iter(self.indices)
 
 
 class XAuditDataModule(pl.LightningDataModule):
@@ -192,7 +214,8 @@ class XAuditDataModule(pl.LightningDataModule):
             sampler = (
                 DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
                 if train
-                else UnpaddedDistributedSampler(dataset, num_replicas=world, rank=rank)
+                else UnpaddedDistributedSampler(dataset, num_replicas=world, rank=rank,
+                                                batch_size=self.eval_batch_size)
             )
         workers = self.num_workers
         return DataLoader(

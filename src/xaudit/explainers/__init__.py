@@ -37,7 +37,9 @@ from xaudit.explainers.base import (
     ExplainerInputError,
     ExplainerTypeError,
     Target,
+    TargetSpec,
     UnsupportedModelError,
+    UnsupportedTargetError,
 )
 from xaudit.explainers.baselines import RandomBaseline, SobelBaseline
 from xaudit.explainers.cam import (
@@ -85,6 +87,14 @@ from xaudit.explainers.relevance import COMPOSITES, LRP, RULES, DeepLift, DeepSh
 from xaudit.explainers.segmentation import segment
 from xaudit.explainers.smoothgrad import SmoothGrad
 from xaudit.explainers.surrogate import KernelShap, Lime
+from xaudit.explainers.targets import (
+    ClassContrast,
+    ClassLogit,
+    ClassProbability,
+    PresentClasses,
+    expand_pairs,
+    present_pairs,
+)
 from xaudit.explainers.transformer_lrp import CPLRP, AttnLRP
 from xaudit.explainers.xrai import XRAI
 
@@ -100,6 +110,9 @@ __all__ = [
     "AblationCAM",
     "AttnLRP",
     "CAMExplainer",
+    "ClassContrast",
+    "ClassLogit",
+    "ClassProbability",
     "Deconvnet",
     "DeepLift",
     "DeepShap",
@@ -137,6 +150,7 @@ __all__ = [
     "PatternAttribution",
     "PatternNet",
     "PatternsNotFittedError",
+    "PresentClasses",
     "RandomBaseline",
     "Rule",
     "Saliency",
@@ -145,14 +159,18 @@ __all__ = [
     "SmoothGrad",
     "SobelBaseline",
     "Target",
+    "TargetSpec",
     "UnsupportedModelError",
+    "UnsupportedTargetError",
     "Visualization",
     "XGradCAM",
     "create",
     "distributional_influence",
+    "expand_pairs",
     "layer_names",
     "maximize_activation",
     "names",
+    "present_pairs",
     "register",
     "segment",
 ]

@@ -13,6 +13,8 @@ import numbers
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -20,8 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xaudit.utils.errors import ConfigError, unknown_choice
-
-TargetLike = Tensor | int | str | Sequence[int]
 
 # How a per-channel attribution [B,C,H,W] becomes one map [B,H,W].
 REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -92,21 +92,101 @@ def check_input(x: object, model: nn.Module) -> Tensor:
     return x
 
 
+class UnsupportedTargetError(ExplainerInputError):
+    """The method reads class logits itself, so it cannot explain a probability or a contrast target."""
+
+
+class TargetSpec:
+    """Base of the public explanation targets (:mod:`xaudit.explainers.targets`): which class each
+    row explains (:attr:`classes`, what ``Target.indices`` returns) and which scalar of the logits is
+    explained (:meth:`score`; ``None``: the class logit). :meth:`expand` may turn the batch into
+    more rows (one per (image, class) pair) before anything is explained."""
+
+    #: the class per sample: indices [B], an int, a sequence or ``"predicted"``
+    classes: TargetLike = "predicted"
+    #: whether :meth:`expand` changes the rows (only ``Explainer.attribute`` can then take it)
+    expands: ClassVar[bool] = False
+
+    def expand(self, x: Tensor) -> tuple[Tensor, TargetSpec]:
+        """The rows to explain and the target of each row (identity unless the target expands)."""
+        return x, self
+
+    def bind(self, batch: int, device: torch.device) -> TargetSpec:
+        """This target with its per-sample tensors checked against ``batch`` and moved to ``device``."""
+        return self
+
+    def score(self, logits: Tensor, idx: Tensor) -> Tensor | None:
+        """The explained scalar [N] of logits [N,K] (``idx``: the class per row, N = k·B rows holding
+        k copies of the batch one after the other); None: the class logit."""
+        return None
+
+    @property
+    def custom_score(self) -> bool:
+        """Whether :meth:`score` differs from the class logit (a method must then use ``Target.select``)."""
+        return type(self).score is not TargetSpec.score
+
+
+#: what ``attribute`` takes as ``target``
+TargetLike = Tensor | int | str | Sequence[int] | TargetSpec
+
+
+@dataclass
+class _Scoring:
+    """The target being explained by the running ``attribute`` call (so ``Target`` objects a method
+    re-makes from resolved indices keep its scalar) and whether the method selected it."""
+
+    spec: TargetSpec
+    used: bool = False
+
+
+_SCORING: ContextVar[_Scoring | None] = ContextVar("xaudit_target_scoring", default=None)
+
+
+def target_spec(target: object) -> TargetSpec | None:
+    """``target`` as a :class:`TargetSpec`: itself, a multi-hot integer [B,K] tensor (K ≥ 2, 0/1
+    values: multi-label data's ``label``) read as "every present class"
+    (:class:`~xaudit.explainers.targets.PresentClasses`), else None."""
+    if isinstance(target, TargetSpec):
+        return target
+    if (isinstance(target, Tensor) and target.ndim == 2 and target.shape[1] >= 2
+            and not (target.is_floating_point() or target.is_complex() or target.dtype == torch.bool)
+            and bool(((target == 0) | (target == 1)).all())):
+        from xaudit.explainers.targets import PresentClasses  # targets.py builds on this module
+
+        return PresentClasses(target)
+    return None
+
+
 class Target:
     """The class to explain for each sample: given indices, or ``"predicted"`` (argmax of the logits).
 
     A ``"predicted"`` target is resolved from the first logits a method computes on ``x`` itself,
-    so methods that already run that forward pay nothing extra.
+    so methods that already run that forward pay nothing extra. A :class:`TargetSpec` also sets
+    the explained scalar (:meth:`select`); a ``Target`` made inside a running ``attribute`` call
+    from plain indices takes that call's scalar, so methods that re-wrap resolved indices honour it.
     """
 
     def __init__(self, spec: TargetLike, batch: int, device: torch.device) -> None:
         self.batch = batch
         self._indices: Tensor | None = None
+        active = _SCORING.get()
+        self.spec: TargetSpec | None = active.spec if active is not None else None
+        if isinstance(spec, TargetSpec):
+            if spec.expands:
+                raise ExplainerInputError(
+                    f"{type(spec).__name__} expands the batch to (image, class) pairs, which this entry point "
+                    "cannot do; call explainer.attribute(x, target), or expand first with "
+                    "xaudit.explainers.targets.expand_pairs(x, labels) and pass the class of each pair.")
+            self.spec = spec.bind(batch, device) if spec.custom_score else None
+            spec = spec.classes
         if isinstance(spec, str):
             if spec != "predicted":
+                hint = (" 'present' (every class present) needs the multi-hot labels: pass "
+                        "xaudit.explainers.targets.PresentClasses(labels) or the labels [B,K] themselves "
+                        "(multi-label data only)." if spec == "present" else "")
                 raise ExplainerInputError(
                     f"target={spec!r} is not understood; pass a long tensor [B] of class indices, an int, "
-                    "or 'predicted'.")
+                    f"'predicted', or a target from xaudit.explainers.targets.{hint}")
             return
         if isinstance(spec, bool) or (isinstance(spec, Tensor) and spec.dtype == torch.bool):
             raise ExplainerTypeError("target must be class indices (int or long tensor), not booleans.")
@@ -155,13 +235,23 @@ class Target:
         return idx
 
     def select(self, logits: Tensor) -> Tensor:
-        """The target logit of each row (differentiable). ``logits`` [k·B,K] holds k copies of the
-        batch one after the other (k perturbations or path points per sample)."""
+        """The explained scalar of each row (differentiable): the target logit, or what the target
+        spec selects (a probability, a contrast of two logits). ``logits`` [k·B,K] holds k copies of
+        the batch one after the other (k perturbations or path points per sample). Every explainer
+        takes its scalar here, so gradient, CAM and perturbation methods honour any target."""
         idx = self.indices(logits)
         k = logits.shape[0] // self.batch
         if k * self.batch != logits.shape[0]:
             raise ExplainerInputError(f"internal: {logits.shape[0]} logits rows for a batch of {self.batch}.")
-        return logits.gather(1, idx.repeat(k)[:, None]).squeeze(1)
+        rows = idx.repeat(k)
+        if self.spec is not None:
+            active = _SCORING.get()
+            if active is not None:
+                active.used = True
+            out = self.spec.score(logits, rows)
+            if out is not None:
+                return out
+        return logits.gather(1, rows[:, None]).squeeze(1)
 
     def resolve(self, logits_fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
         """Indices, running one no-grad forward on ``x`` only when ``"predicted"`` is unresolved."""
@@ -243,20 +333,38 @@ class Explainer:
         """Attribution of ``target`` for the batch ``x`` [B,C,H,W].
 
         Returns float [B,H,W] (or [B,C,H,W] with ``reduce=None`` for per-channel methods) on
-        ``x.device`` in ``x.dtype``, detached. ``target`` is a long tensor [B], an int, or
-        ``"predicted"``.
+        ``x.device`` in ``x.dtype``, detached. ``target`` is a long tensor [B], an int,
+        ``"predicted"``, or a target of :mod:`xaudit.explainers.targets` (a probability, a contrast
+        of two classes). ``PresentClasses(labels)`` — or the multi-hot labels [B,K] themselves —
+        explains every (image, present class) pair: P rows, in ``labels.nonzero()`` order.
         """
         check_input(x, self.model)
         if reduce == AUTO:
             reduce = self.default_reduce
         elif reduce is not None and reduce not in REDUCTIONS:
             raise unknown_choice("reduce", reduce, [*REDUCTIONS, AUTO, "None"])
+        spec = target_spec(target)
         with explain_mode(self.model):
             # a private copy in the model's dtype: half/bfloat16 input to an fp32 model is explained in
             # fp32 and the map returned in x.dtype
             xc = x.detach().to(dtype=compute_dtype(self.model, x), copy=True)
-            tgt = Target(target, xc.shape[0], xc.device)
-            attr = self._attribute(xc, tgt)
+            if spec is not None:
+                xc, spec = spec.expand(xc)  # (image, class) pairs for PresentClasses
+                if xc.shape[0] == 0:
+                    return x.new_zeros((0, *x.shape[1 if reduce is None else 2:]))
+                spec = spec.bind(xc.shape[0], xc.device)
+            scoring = _Scoring(spec) if spec is not None and spec.custom_score else None
+            token = _SCORING.set(scoring)
+            try:
+                tgt = Target(spec if spec is not None else target, xc.shape[0], xc.device)
+                attr = self._attribute(xc, tgt)
+            finally:
+                _SCORING.reset(token)
+            if scoring is not None and not scoring.used:
+                raise UnsupportedTargetError(
+                    f"{type(self).__name__} ({self.name}) reads the class logit itself, so it cannot explain "
+                    f"{type(spec).__name__}; use a method that takes its scalar from Target.select (saliency, "
+                    "integrated_gradients, grad_cam, lrp, occlusion, ...) or the class logit (class indices).")
             attr = reduce_channels(attr.detach(), reduce).to(dtype=x.dtype)
         return attr
 

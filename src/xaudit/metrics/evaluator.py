@@ -5,6 +5,13 @@ test split and updates the metrics; ``compute()`` reduces the per-sample states 
 the table does not depend on the number of devices. Each metric's mean is logged as
 ``eval/<metric>`` (returned by ``trainer.test`` in the main process, ``ddp_spawn`` included);
 the mean deletion/insertion curves are written by rank 0 to ``curves_path`` for the plots.
+
+Multi-label data (a batch ``label`` long [B,K] multi-hot and ``mask`` bool [B,K,H,W], e.g.
+``data=shapes_multilabel``) is scored per (image, class) pair: target ``label`` explains every
+class present in an image (with that class's mask for the localisation metrics), ``predicted``
+every class the model predicts (sigmoid ≥ 0.5; its top-1 class when none is), and ``auto`` picks
+one of the two per metric as for single-label data. Each pair is one sample of every metric, and
+``eval/count`` counts the pairs scored (those of ``label`` when a metric uses it).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 
 from xaudit.explainers import create
+from xaudit.explainers.targets import present_pairs
 from xaudit.metrics.base import XAuditMetric, update_metric
 from xaudit.metrics.registry import create_metric, metric_class
 from xaudit.models.classifier import unshare_metric_states
@@ -32,7 +40,9 @@ TARGETS: tuple[str, ...] = ("auto", "label", "predicted")
 def check_target_mode(target: str) -> str:
     """``target`` names which class is explained: ``auto`` (each metric's paper: the model's top-1
     for deletion/insertion as in RISE, the true class for localisation), the true ``label`` or the
-    ``predicted`` one for every metric."""
+    ``predicted`` one for every metric. On multi-label data ``label`` means every present class and
+    ``predicted`` every predicted one (:func:`multilabel_pairs`)."""
+
     if target not in TARGETS:
         raise ConfigError(f"target={target!r} is unknown; choose one of {list(TARGETS)} (auto: the class each "
                           "metric's paper explains; label: the true class; predicted: the model's top-1).")
@@ -66,6 +76,21 @@ def explain_for_targets(explainer: Any, x: Tensor, label: Tensor, pred: Tensor |
         else:
             out["predicted"] = (explainer.attribute(x, pred), pred)
     return out
+
+
+def multilabel_pairs(labels: Tensor, logits: Tensor | None, kind: str) -> tuple[Tensor, Tensor]:
+    """(image index, class index) long [P] explained on multi-label data for target ``kind``.
+
+    ``label``: every class present in the multi-hot ``labels`` [B,K]; ``predicted``: every class with
+    a positive logit (sigmoid ≥ 0.5), or the top-1 class of an image where none is, so every image
+    is scored.
+    """
+    if kind == "label":
+        return present_pairs(labels)
+    assert logits is not None
+    chosen = logits > 0
+    top = torch.zeros_like(chosen).scatter_(1, logits.argmax(1, keepdim=True), True)
+    return present_pairs(chosen | (top & ~chosen.any(1, keepdim=True)))
 
 
 FAMILIES: tuple[str, ...] = ("faithfulness", "robustness", "localisation", "complexity", "randomisation", "axiomatic")
@@ -152,7 +177,8 @@ def build_metrics(specs: dict[str, dict[str, Any]], net: nn.Module, method: str 
 
 
 class ExplainerEvaluation(pl.LightningModule):
-    """Explains every test batch with one method and feeds the maps to every metric."""
+    """Explains every test batch with one method and feeds the maps to every metric (per image, or
+    per (image, present class) pair on multi-label data)."""
 
     def __init__(self, net: nn.Module, method: str, kwargs: dict[str, Any], metrics: dict[str, dict[str, Any]],
                  target: str = "auto", curves_path: str | Path | None = None) -> None:
@@ -175,6 +201,9 @@ class ExplainerEvaluation(pl.LightningModule):
     def test_step(self, batch: dict[str, Tensor], batch_idx: int) -> None:
         x, y = batch["image"], batch["label"]
         kinds = set(self.targets.values())
+        if y.ndim == 2:
+            self._multilabel_step(x, y, batch.get("mask"), kinds)
+            return
         pred = None
         if "predicted" in kinds:
             with torch.no_grad():
@@ -184,6 +213,32 @@ class ExplainerEvaluation(pl.LightningModule):
             attr, target = maps[self.targets[label]]
             update_metric(metric, x=x, attr=attr, target=target, mask=batch.get("mask"), explainer=self.explainer)
         self.seen.update(torch.tensor(float(y.shape[0]), device=x.device))
+
+    def _multilabel_step(self, x: Tensor, labels: Tensor, mask: Tensor | None, kinds: set[str]) -> None:
+        """Score every (image, class) pair of the batch (see the module docstring), ``len(x)`` rows per
+        explanation call so memory stays that of one batch."""
+        logits = None
+        if "predicted" in kinds:
+            with torch.no_grad():
+                logits = self.net(x)
+        if mask is not None and mask.ndim != 4:
+            raise ConfigError(f"multi-label data needs one mask per class (bool [B,K,H,W]); got shape "
+                              f"{tuple(mask.shape)}. Give the datamodule per-class masks or drop the localisation "
+                              "metrics.")
+        counted = "label" if "label" in kinds else "predicted"
+        for kind in sorted(kinds):
+            image, cls = multilabel_pairs(labels, logits, kind)
+            image, cls = image.to(x.device), cls.to(x.device)
+            for s in range(0, image.numel(), x.shape[0]):
+                ii, cc = image[s:s + x.shape[0]], cls[s:s + x.shape[0]]
+                xs = x[ii]
+                attr = self.explainer.attribute(xs, cc)
+                rows_mask = None if mask is None else mask[ii, cc]
+                for label, metric in self.metrics.items():
+                    if self.targets[label] == kind:
+                        update_metric(metric, x=xs, attr=attr, target=cc, mask=rows_mask, explainer=self.explainer)
+            if kind == counted:
+                self.seen.update(torch.tensor(float(image.numel()), device=x.device))
 
     def on_test_epoch_end(self) -> None:
         values = {f"eval/{label}": metric.compute().float() for label, metric in self.metrics.items()}

@@ -324,7 +324,8 @@ class Sufficiency(ModelHolder, XAuditMetric):
     of their maps (|Φ|, features standardised over the batch), divided by the batch's largest such
     distance, is ≤ ``threshold``. A sample's score is the fraction of the *other* samples sharing its
     explanation that get the same predicted class (0 when none does). The score depends on which
-    samples share the batch, by definition (as in Quantus): use the same batches to compare methods.
+    samples share the batch, by definition (as in Quantus): use the same batches to compare methods
+    (xaudit's evaluation shards DDP ranks by whole batches, so values under DDP equal one device's).
     ``target`` is unused (the model's top-1 classes are compared). A batch of one sample gets NaN. Quantus' max-normalisation of the
     maps is a global scale that the standardised distance ignores.
     """

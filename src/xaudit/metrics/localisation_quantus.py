@@ -252,8 +252,9 @@ class Focus(XAuditMetric):
     for a map that ignores the image content; higher is better.
 
     Because the mosaics are drawn from the batch, a sample's value depends on which images share
-    its batch (as the paper's value depends on the mosaic dataset): under DDP, where batches are
-    composed differently, per-sample values differ though the distribution is the same.
+    its batch (as the paper's value depends on the mosaic dataset): compare methods on the same
+    batches. xaudit's evaluation shards DDP ranks by whole batches, so values under DDP equal one
+    device's.
     """
 
     update_inputs: ClassVar[tuple[str, ...]] = ("x", "target", "explainer")

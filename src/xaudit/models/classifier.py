@@ -18,12 +18,18 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchmetrics import MeanMetric, Metric, SumMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MultilabelAccuracy,
+    MultilabelAveragePrecision,
+)
 
 from xaudit.models.backbones import build_backbone, resolve_cifar_stem
 from xaudit.utils.errors import ConfigError, NonFiniteLossError, count_or_auto
 
 CHECKPOINT_KEY = "xaudit"
+#: score thresholds of the multi-label mAP: binned, so its state is O(classes) whatever the split size
+MAP_THRESHOLDS = 256
 #: ``nan_check_every="auto"`` off the CPU: one host read of the loss flag per this many steps
 NAN_CHECK_EVERY_GPU = 50
 
@@ -45,6 +51,13 @@ class Classifier(pl.LightningModule):
     step on CPU where the read is free, ``NAN_CHECK_EVERY_GPU`` elsewhere), ``channels_last``
     (true, false or "auto": on CUDA only) and ``compile`` (false, true or ``torch.compile``
     options; only the training forward is compiled, evaluation and explanations run eagerly).
+
+    ``multilabel=True`` (set by ``train.py`` from the datamodule's ``multilabel`` attribute, as
+    ``num_classes``): batches carry a multi-hot ``label`` [B,K]; the loss is binary cross-entropy
+    on the logits (each class an independent sigmoid; ``label_smoothing`` ε moves the targets to
+    ε/2 and 1−ε/2), and ``<split>/acc`` is torchmetrics' micro ``MultilabelAccuracy`` (sigmoid ≥
+    0.5 per class) with ``<split>/map`` its macro ``MultilabelAveragePrecision`` (mAP, over
+    ``MAP_THRESHOLDS`` score bins). Single-label training is unchanged.
     """
 
     def __init__(
@@ -59,6 +72,7 @@ class Classifier(pl.LightningModule):
         nan_check_every: int | str = "auto",
         channels_last: bool | str = False,
         compile: bool | dict[str, Any] = False,
+        multilabel: bool = False,
     ) -> None:
         super().__init__()
         backbone = dict(_plain(backbone) or {"name": "small_cnn"})
@@ -67,14 +81,22 @@ class Classifier(pl.LightningModule):
         # optimizer/scheduler are callables: kept out of hparams so checkpoints stay weights-only safe
         self.save_hyperparameters({"backbone": backbone, "num_classes": int(num_classes),
                                    "in_chans": int(in_chans), "image_size": image_size,
-                                   "label_smoothing": float(label_smoothing)})
+                                   "label_smoothing": float(label_smoothing), "multilabel": bool(multilabel)})
         self.net = build_backbone(num_classes=num_classes, in_chans=in_chans, image_size=image_size, **backbone)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.label_smoothing = float(label_smoothing)
         self.xaudit_info: dict[str, Any] = {}
-        self.acc = torch.nn.ModuleDict({s: MulticlassAccuracy(num_classes, average="micro")
-                                        for s in ("train_", "val_", "test_")})
+        self.multilabel = bool(multilabel)
+        splits = ("train_", "val_", "test_")
+        if self.multilabel:
+            self.acc = torch.nn.ModuleDict({s: MultilabelAccuracy(num_classes, average="micro") for s in splits})
+            self.map: torch.nn.ModuleDict | None = torch.nn.ModuleDict(
+                {s: MultilabelAveragePrecision(num_classes, average="macro", thresholds=MAP_THRESHOLDS)
+                 for s in splits})
+        else:
+            self.acc = torch.nn.ModuleDict({s: MulticlassAccuracy(num_classes, average="micro") for s in splits})
+            self.map = None
         self.loss_mean = torch.nn.ModuleDict({s: MeanMetric() for s in ("train_", "val_", "test_")})
         self.count = torch.nn.ModuleDict({s: SumMetric() for s in ("val_", "test_")})
         self.nan_check_every = count_or_auto(nan_check_every, "model.nan_check_every", 1,
@@ -99,6 +121,12 @@ class Classifier(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         unshare_metric_states(self)
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if getattr(dm, "multilabel", False) and not self.multilabel:
+            raise ConfigError(
+                f"{type(dm).__name__} is multi-label (multi-hot labels), but the model was built with "
+                "multilabel=false (softmax + cross-entropy). Build it with multilabel=True "
+                "(+model.multilabel=true; train.py sets it from the datamodule, as num_classes).")
         device = self._trainer.strategy.root_device if self._trainer is not None else self.device
         self._check_every = (self.nan_check_every if isinstance(self.nan_check_every, int)
                              else 1 if device.type == "cpu" else NAN_CHECK_EVERY_GPU)
@@ -122,12 +150,14 @@ class Classifier(pl.LightningModule):
             logits, extra_loss = extra(x, y)
         else:
             logits, extra_loss = (compiled(x) if compiled is not None else self(x)), None
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing if split == "train" else 0.0)
+        loss = self._loss(logits, y, self.label_smoothing if split == "train" else 0.0)
         if extra_loss is not None:
             self.log("train/extra_loss", extra_loss.detach(), on_step=False, on_epoch=True, sync_dist=True)
             loss = loss + extra_loss
         key = split + "_"
         self.acc[key].update(logits.detach(), y)
+        if self.map is not None:
+            self.map[key].update(logits.detach(), y)
         self.loss_mean[key].update(loss.detach(), weight=y.shape[0])
         if key in self.count:
             self.count[key].update(torch.tensor(float(y.shape[0]), device=x.device))
@@ -141,13 +171,39 @@ class Classifier(pl.LightningModule):
         """
         key = split + "_"
         values = {f"{split}/acc": self.acc[key].compute(), f"{split}/loss": self.loss_mean[key].compute()}
+        metrics: list[Metric] = [self.acc[key], self.loss_mean[key]]
+        if self.map is not None:
+            with warnings.catch_warnings():  # a class absent from a small split: mAP skips it
+                warnings.filterwarnings("ignore", ".*no positive samples.*")
+                values[f"{split}/map"] = self.map[key].compute()
+            metrics.append(self.map[key])
         if key in self.count:
             values[f"{split}/count"] = self.count[key].compute()
-        for metric in (self.acc[key], self.loss_mean[key], *([self.count[key]] if key in self.count else [])):
+            metrics.append(self.count[key])
+        for metric in metrics:
             metric.reset()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", ".*sync_dist=True.*")
             self.log_dict(values, prog_bar=split != "test", sync_dist=False)
+
+    def _loss(self, logits: torch.Tensor, y: torch.Tensor, smoothing: float) -> torch.Tensor:
+        """Cross-entropy on class indices [B]; binary cross-entropy on multi-hot labels [B,K] (multi-label)."""
+        if self.multilabel:
+            if y.ndim != 2 or y.shape != logits.shape:
+                raise ConfigError(
+                    f"model.multilabel=true needs multi-hot labels [B,{logits.shape[1]}] (a multi-label datamodule, "
+                    f"e.g. data=shapes_multilabel); got labels of shape {tuple(y.shape)}. Use model.multilabel=false "
+                    "for single-label data.")
+            target = y.to(logits.dtype)
+            if smoothing:
+                target = target * (1.0 - smoothing) + 0.5 * smoothing
+            return F.binary_cross_entropy_with_logits(logits, target)
+        if y.ndim != 1:
+            raise ConfigError(
+                f"the batch labels have shape {tuple(y.shape)} (multi-hot, multi-label data) but the model was "
+                "built with multilabel=false; build it with model.multilabel=true (train.py sets it from the "
+                "datamodule's multilabel attribute).")
+        return F.cross_entropy(logits, y, label_smoothing=smoothing)
 
     def on_train_epoch_end(self) -> None:
         # before the epoch-end checkpoint (ModelCheckpoint runs after the module's hook)

@@ -93,12 +93,16 @@ def card_rows(card: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+#: what the protocol card's numbers are (its table caption)
+CARD_CAPTION = "Each metric as run: its parameters, the paper it follows and where this run deviates from it."
+
+
 def card_markdown(card: Mapping[str, Any]) -> str:
     """The card as a Markdown section."""
     header, rows = card_rows(card)
     esc = [[c.replace("|", "\\|") for c in r] for r in rows]
     lines = ["## Protocol", "", f"Protocol version {card.get('version')}; images {card.get('image_size')}; "
-             f"explained class: {card.get('target')}.", "",
+             f"explained class: {card.get('target')}.", "", f"*{CARD_CAPTION}*", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
              *["| " + " | ".join(r) + " |" for r in esc], ""]
     return "\n".join(lines)
@@ -112,4 +116,5 @@ def card_html(card: Mapping[str, Any]) -> str:
                    for r in rows)
     return (f"<h2>Protocol</h2><p>Protocol version {html.escape(str(card.get('version')))}; images "
             f"{html.escape(str(card.get('image_size')))}; explained class: {html.escape(str(card.get('target')))}."
-            f"</p><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+            f"</p><table><caption>{CARD_CAPTION}</caption><thead><tr>{head}</tr></thead>"
+            f"<tbody>{body}</tbody></table>")

@@ -325,6 +325,55 @@ def pyplot() -> Any:
     return plt
 
 
+#: fixed colours of the controls, and the palette the explanation methods draw from (matplotlib's tab10
+#: without its gray and olive, which the controls resemble)
+CONTROL_COLOURS = {"random": "#7f7f7f", "sobel": "#bcbd22", BASELINE: "#000000"}
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
+           "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2", "#9edae5")
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, str]:
+    """A stable method → colour map for every plot of a report: controls get fixed grays, each other
+    method its preferred palette slot (a CRC of its name, the same in every run and every plot),
+    moved to the next free slot on a clash (the 8 strong colours first, then their pale twins), the
+    methods taken in sorted order. Pass the map of all
+    the report's methods to each plot so a method keeps its colour across them."""
+    import zlib
+
+    out: dict[str, str] = {m: CONTROL_COLOURS[m] for m in methods if m in CONTROL_COLOURS}
+    used: set[int] = set()
+    for m in sorted(set(methods) - set(out)):
+        strong = len(PALETTE) // 2
+        first = zlib.crc32(m.encode()) % strong
+        order = [(first + k) % strong for k in range(strong)] + [strong + (first + k) % strong for k in range(strong)]
+        slot = next((k for k in order if k not in used), first)
+        used.add(slot)
+        out[m] = PALETTE[slot]
+    return out
+
+
+def arrow(higher_is_better: bool | None) -> str:
+    """"↑" (higher is better), "↓" (lower is better) or "" (direction unknown)."""
+    return "" if higher_is_better is None else ("↑" if higher_is_better else "↓")
+
+
+def directions(cells: Sequence[dict[str, Any]]) -> dict[str, bool]:
+    """metric label → higher_is_better, merged over the cells."""
+    out: dict[str, bool] = {}
+    for c in cells:
+        out.update(c.get("higher_is_better") or {})
+    return out
+
+
+def num_classes_of(cells: Sequence[dict[str, Any]], meta: dict[str, Any]) -> int | None:
+    """The number of classes when the meta or a cell records it (``num_classes``), else None."""
+    for source in (meta, *cells):
+        n = source.get("num_classes")
+        if n:
+            return int(n)
+    return None
+
+
 def save_figure(fig: Any, path: Path) -> Path:
     """Write ``fig`` as a PNG atomically, close it, return ``path``."""
     buf = io.BytesIO()
@@ -334,73 +383,99 @@ def save_figure(fig: Any, path: Path) -> Path:
     return path
 
 
-def plot_retrain(mode: str, rows: Sequence[dict[str, Any]], path: Path) -> Path:
+def plot_retrain(mode: str, rows: Sequence[dict[str, Any]], path: Path, num_classes: int | None = None,
+                 colors: dict[str, str] | None = None) -> Path:
     """Mean test accuracy vs fraction removed, one line per method (rows of :func:`retrain_summary`).
 
     Error bars: the 95 % t-interval of the mean over seeds; the random control's interval is also
     a shaded band, so a method whose bars clear the band is visibly better (or worse) than random.
-    One seed: no bars (a single retraining has no interval), said in the title."""
+    One seed: no bars (a single retraining has no interval), said in the title. The y axis spans
+    0..1 (accuracy, never truncated); with ``num_classes`` a dotted chance line at 1/num_classes.
+    ``colors``: :func:`method_colors` of the report (default: of these rows)."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m in dict.fromkeys(r["method"] for r in rows):
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = colors or method_colors(methods)
+    top = 1.0
+    for m in methods:
         pts = [r for r in rows if r["method"] == m]
         xs = [100 * r["fraction"] for r in pts]
         ys = [r["test_acc_mean"] for r in pts]
         defined = [not math.isnan(r["ci95_low"]) for r in pts]
         yerr = [[y - r["ci95_low"] if ok else 0.0 for y, r, ok in zip(ys, pts, defined)],
                 [r["ci95_high"] - y if ok else 0.0 for y, r, ok in zip(ys, pts, defined)]]
+        top = max([top, *[r["ci95_high"] for r, ok in zip(pts, defined) if ok]])
         style = "--" if m in CONTROLS else "-"
-        line = ax.errorbar(xs, ys, yerr=yerr if any(defined) else None, label=m, marker="o", linestyle=style,
-                           capsize=3)
+        color = colors.get(m) or method_colors([m])[m]
+        ax.errorbar(xs, ys, yerr=yerr if any(defined) else None, label=m, marker="o", linestyle=style,
+                    capsize=3, color=color)
         if m == "random" and any(defined):
             band = [(x, r["ci95_low"], r["ci95_high"]) for x, r, ok in zip(xs, pts, defined) if ok]
             ax.fill_between([b[0] for b in band], [b[1] for b in band], [b[2] for b in band],
-                            color=line.lines[0].get_color(), alpha=0.15, label=f"random {LEVEL:.0%} CI")
+                            color=color, alpha=0.15, label=f"random {LEVEL:.0%} CI")
+    if num_classes:
+        ax.axhline(1.0 / num_classes, color="black", linestyle=":", linewidth=1.2, gid="chance",
+                   label=f"chance (1/{num_classes} = {1.0 / num_classes:.2f})")
+    ax.set_ylim(0.0, min(top, 1.1) + 0.02)
     seeds = sorted({r["seeds"] for r in rows})
     n_txt = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
     bars = (f"bars: {LEVEL:.0%} CI of the mean over {n_txt} seeds" if seeds and seeds[-1] >= 2
             else "1 seed: no interval")
     ax.set_xlabel("% of pixels removed (" + ("most" if mode == "roar" else "least") + " important first)")
-    ax.set_ylabel(f"test accuracy after retraining (mean, {LEVEL:.0%} CI)" if seeds and seeds[-1] >= 2
-                  else "test accuracy after retraining")
-    ax.set_title(f"{mode.upper()}: accuracy vs fraction removed ({bars})")
+    # ROAR: a lower accuracy means the removed pixels mattered (better explanation); KAR: the kept ones did
+    better = f"{arrow(mode != 'roar')} {'lower' if mode == 'roar' else 'higher'} = better explanation"
+    ax.set_ylabel(f"test accuracy after retraining\n(mean, {LEVEL:.0%} CI; {better})" if seeds and seeds[-1] >= 2
+                  else f"test accuracy after retraining\n({better})")
+    ax.set_title(f"{mode.upper()}: accuracy vs fraction removed ({bars})", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
-def plot_evaluate(labels: Sequence[str], rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """One bar group per metric, one bar per method."""
+def plot_evaluate(labels: Sequence[str], rows: Sequence[dict[str, Any]], path: Path,
+                  higher: dict[str, bool] | None = None, colors: dict[str, str] | None = None) -> Path:
+    """One bar group per metric (its name with ↑/↓ from ``higher``: metric → higher_is_better), one bar
+    per method in its :func:`method_colors` colour."""
     plt = pyplot()
+    higher = higher or {}
+    colors = colors or method_colors([r["method"] for r in rows])
     fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(labels) + 2), 4))
     n = max(len(rows), 1)
     width = 0.8 / n
     for i, r in enumerate(rows):
         ax.bar([j + i * width for j in range(len(labels))], [r.get(lb, float("nan")) for lb in labels],
-               width=width, label=r["method"])
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels)
+               width=width, label=r["method"], color=colors.get(r["method"]) or method_colors([r["method"]])[r["method"]])
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))],
+                  [f"{lb} {arrow(higher.get(lb))}".strip() for lb in labels])
     ax.set_ylabel("score (mean over test images)")
-    ax.set_title("Explanation quality per method")
+    ax.set_title("Explanation quality per method (↑ higher is better, ↓ lower is better)", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
     return save_figure(fig, path)
 
 
-def plot_curves(cells: Sequence[dict[str, Any]], path: Path) -> Path | None:
-    """Mean deletion / insertion curves per method (probability vs fraction perturbed)."""
+def plot_curves(cells: Sequence[dict[str, Any]], path: Path, colors: dict[str, str] | None = None) -> Path | None:
+    """Mean deletion / insertion curves per method (probability vs fraction perturbed); the panel title
+    says whether a low (↓, deletion) or high (↑, insertion) area under the curve is better."""
     curves = [(c["method_key"], label, vals) for c in cells for label, vals in (c.get("curves") or {}).items()]
     if not curves:
         return None
+    higher = directions(cells)
+    colors = colors or method_colors(list(dict.fromkeys(m for m, _, _ in curves)))
     labels = list(dict.fromkeys(lb for _, lb, _ in curves))
     plt = pyplot()
     fig, axes = plt.subplots(1, len(labels), figsize=(5 * len(labels), 3.6), squeeze=False)
     for ax, label in zip(axes[0], labels):
         for method, lb, vals in curves:
             if lb == label:
-                ax.plot([i / (len(vals) - 1) for i in range(len(vals))], vals, label=method)
-        ax.set_title(f"{label} curve")
+                ax.plot([i / (len(vals) - 1) for i in range(len(vals))], vals, label=method,
+                        color=colors.get(method) or method_colors([method])[method],
+                        linestyle="--" if method in CONTROLS else "-")
+        hib = higher.get(label, None if label not in ("deletion", "insertion") else label == "insertion")
+        ax.set_title(f"{label} curve" + (f" (area {arrow(hib)})" if hib is not None else ""))
         ax.set_xlabel("fraction of pixels perturbed")
         ax.set_ylabel("p(explained class)")
+        ax.set_ylim(0.0, 1.02)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return save_figure(fig, path)
@@ -413,16 +488,76 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+    """A Markdown table, preceded by its caption (an italic line saying what its numbers are)."""
+    lines = [f"*{caption}*", ""] if caption else []
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def _html_table(header: Sequence[str], rows: Sequence[Sequence[Any]], caption: str = "") -> str:
+    """An HTML table with a ``<caption>`` saying what its numbers are."""
+    cap = f"<caption>{html.escape(caption)}</caption>" if caption else ""
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+#: the metadata table's row names for the keys the audit writes (other keys: capitalised, "_" → " ")
+META_LABELS = {"checkpoint": "Checkpoint", "data": "Dataset", "methods": "Methods", "target": "Class explained",
+               "cells": "Results (cells)", "num_classes": "Classes"}
+#: readable values of the ``target`` setting
+TARGET_LABELS = {"auto": "each metric's paper (top-1 or true class)", "label": "true class",
+                 "predicted": "predicted class (top-1)"}
+
+
+def meta_rows(meta: dict[str, Any]) -> list[tuple[str, str]]:
+    """(name, value) rows of the report's metadata table in words: no config keys or class paths."""
+    rows = []
+    for key, value in meta.items():
+        name = META_LABELS.get(key, str(key).replace("_", " ").capitalize())
+        text = str(value)
+        if key == "data" and "." in text and " " not in text:
+            text = text.rsplit(".", 1)[-1]  # xaudit.data.synthetic.ShapesDataModule → ShapesDataModule
+        elif key == "target":
+            text = TARGET_LABELS.get(text, text)
+        elif key == "methods":  # the checkpoint's accuracy ("model") and the unmasked baseline are not methods
+            text = ", ".join(m for m in text.split(", ") if m not in ("model", BASELINE))
+        rows.append((name, text))
+    return rows
+
+
+def _meta_md(meta: dict[str, Any]) -> str:
+    return _md_table(["Setting", "Value"], meta_rows(meta), "Audit settings: what was audited and how.")
+
+
+def _meta_html(meta: dict[str, Any]) -> str:
+    """The metadata as a two-column table with row headers and no empty header row."""
+    body = "".join(f"<tr><th scope='row'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                   for k, v in meta_rows(meta))
+    return ("<table class='meta'><caption>Audit settings: what was audited and how.</caption>"
+            f"<tbody>{body}</tbody></table>")
+
+
+#: the example image a report embeds when it lies in the mode directory (see
+#: :func:`xaudit.reporting.overlays.example_overlays` / :func:`~xaudit.reporting.overlays.masked_examples`)
+EXAMPLES_FILE = "examples.png"
+
+
+def table_caption(mode: str, cells: Sequence[dict[str, Any]]) -> str:
+    """What the numbers of the main results table are."""
+    if mode in RETRAIN_MODES:
+        seeds = {c.get("seed") for c in cells}
+        better = "lower" if mode == "roar" else "higher"
+        return (f"Test accuracy {arrow(mode != 'roar')} of models retrained after removing the given fraction of "
+                f"pixels ({'most' if mode == 'roar' else 'least'} important first): mean ± sample std over "
+                f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''} [{LEVEL:.0%} CI of the mean]; {better} "
+                "accuracy than random = the method found the pixels that matter.")
+    if mode == "evaluate":
+        return ("Explanation quality: each metric's mean over the test images per method (↑ higher is better, "
+                "↓ lower is better); images: how many were scored.")
+    return f"Results of the {mode} audit, one row per result."
 
 
 def _json_safe(row: dict[str, Any]) -> dict[str, Any]:
@@ -468,26 +603,36 @@ def summary_table(mode: str, cells: Sequence[dict[str, Any]]) -> tuple[list[str]
 
 def write_report(directory: str | Path, mode: str, cells: Sequence[dict[str, Any]],
                  meta: dict[str, Any]) -> dict[str, Path]:
-    """Write results.csv/json, the plots and report.md/html into ``directory``; return their paths."""
+    """Write results.csv/json, the plots and report.md/html into ``directory``; return their paths.
+
+    Every plot colours a method the same (:func:`method_colors` of all the cells); ROAR/KAR plots draw
+    the chance line when ``meta`` or the cells give ``num_classes``; ``examples.png`` in ``directory``
+    (example overlays / masked inputs) is embedded when present."""
     d = Path(directory)
     cells = sorted(cells, key=lambda c: c["cell"])
     header, table = summary_table(mode, cells)
     plots: list[tuple[str, Path]] = []
     points: list[dict[str, Any]] | None = None
+    colors = method_colors([c["method_key"] for c in cells if c.get("method") not in (BASELINE, "model")])
     if mode in RETRAIN_MODES:
         points = retrain_summary(cells, mode)
         if points:
-            plots.append(("Accuracy vs fraction removed", plot_retrain(mode, points, d / f"{mode}_accuracy.png")))
+            plots.append(("Accuracy vs fraction removed", plot_retrain(mode, points, d / f"{mode}_accuracy.png",
+                                                                       num_classes_of(cells, meta), colors)))
     else:
         labels, rows = evaluate_summary(cells)
         if rows and labels:
-            plots.append(("Scores per method", plot_evaluate(labels, rows, d / "evaluate_scores.png")))
-        curve = plot_curves(cells, d / "evaluate_curves.png")
+            plots.append(("Scores per method", plot_evaluate(labels, rows, d / "evaluate_scores.png",
+                                                             directions(cells), colors)))
+        curve = plot_curves(cells, d / "evaluate_curves.png", colors)
         if curve is not None:
             plots.append(("Deletion / insertion curves", curve))
+    if (d / EXAMPLES_FILE).is_file():
+        plots.append(("Masked inputs the retrained models see" if mode in RETRAIN_MODES
+                      else "Example explanations per method", d / EXAMPLES_FILE))
     sections = family_sections(cells) if mode == "evaluate" else []
     return write_tables_report(d, mode, cells, meta, header, table, plots, findings(mode, cells), points=points,
-                               sections=sections)
+                               sections=sections, caption=table_caption(mode, cells))
 
 
 def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
@@ -501,8 +646,12 @@ def _csv_text(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = No
 def write_tables_report(directory: Path, mode: str, cells: Sequence[dict[str, Any]], meta: dict[str, Any],
                         header: Sequence[str], table: Sequence[Sequence[Any]], plots: Sequence[tuple[str, Path]],
                         facts: Sequence[str], points: Sequence[dict[str, Any]] | None = None,
-                        sections: Sequence[tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = ()) -> dict[str, Path]:
+                        sections: Sequence[tuple[str, Sequence[str], Sequence[Sequence[Any]]]] = (),
+                        caption: str | None = None) -> dict[str, Path]:
     """results.csv, results.json, report.md and report.html with the plots.
+
+    Every table has a caption: ``caption`` for the main one (default: :func:`table_caption`), one per
+    metric-family section; the metadata is a settings table in words (:func:`meta_rows`).
 
     results.csv holds one row per cell; with ``points`` (ROAR/KAR: :func:`retrain_summary`) it holds
     those per-point statistics instead (also under "points" in results.json) and the per-cell rows
@@ -525,11 +674,15 @@ def write_tables_report(directory: Path, mode: str, cells: Sequence[dict[str, An
                                       **({} if points is None else {"points": [_json_safe(r) for r in points]})})
     for i, (_, p) in enumerate(plots):
         paths[f"plot{i}"] = p
-    meta_rows = [[k, v] for k, v in meta.items()]
-    md = [f"# xaudit {mode} report", "", _md_table(["", ""], meta_rows), "", "## Results", "",
-          _md_table(header, table), ""]
+    caption = caption or table_caption(mode, cells)
+
+    def sec_caption(title: str) -> str:
+        return f"{title} metrics: mean over the test images per method (↑ higher is better, ↓ lower is better)."
+
+    md = [f"# xaudit {mode} report", "", _meta_md(meta), "", "## Results", "",
+          _md_table(header, table, caption), ""]
     for title, sec_header, sec_rows in sections:  # one table per metric family (evaluate)
-        md += [f"### {title}", "", _md_table(list(sec_header), [list(r) for r in sec_rows]), ""]
+        md += [f"### {title}", "", _md_table(list(sec_header), [list(r) for r in sec_rows], sec_caption(title)), ""]
     md += ["## Findings", "", *[f"- {f}" for f in facts], ""]
     card = read_card(d)  # the protocol card (every metric's parameters, paper, deviations)
     if card:
@@ -537,14 +690,17 @@ def write_tables_report(directory: Path, mode: str, cells: Sequence[dict[str, An
     md += [f"![{t}]({p.name})\n" for t, p in plots]
     paths["md"] = d / "report.md"
     atomic_write_text(paths["md"], "\n".join(md))
-    body = [f"<h1>xaudit {html.escape(mode)} report</h1>", _html_table(["", ""], meta_rows), "<h2>Results</h2>",
-            _html_table(header, table),
-            *[f"<h3>{html.escape(t)}</h3>{_html_table(list(h), [list(r) for r in rs])}" for t, h, rs in sections],
+    body = [f"<h1>xaudit {html.escape(mode)} report</h1>", _meta_html(meta), "<h2>Results</h2>",
+            _html_table(header, table, caption),
+            *[f"<h3>{html.escape(t)}</h3>{_html_table(list(h), [list(r) for r in rs], sec_caption(t))}"
+              for t, h, rs in sections],
             "<h2>Findings</h2><ul>",
             *[f"<li>{html.escape(f)}</li>" for f in facts], "</ul>", card_html(card) if card else "",
             *[f"<h3>{html.escape(t)}</h3><img src='{html.escape(p.name)}' alt='{html.escape(t)}'>" for t, p in plots]]
     style = ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}img{max-width:100%}</style>")
+             "td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}img{max-width:100%}"
+             "caption{caption-side:top;text-align:left;font-style:italic;color:#444;padding:.3em 0}"
+             "table.meta th{text-align:left;background:#f4f4f4}table.meta td{text-align:left}</style>")
     paths["html"] = d / "report.html"
     atomic_write_text(paths["html"], f"<!doctype html><html><head><meta charset='utf-8'><title>xaudit {mode}"
                                      f"</title>{style}</head><body>{''.join(body)}</body></html>\n")
@@ -558,9 +714,24 @@ def _wandb_value(v: Any) -> Any:
 
 def log_report(loggers: Sequence[Any], mode: str, cells: Sequence[dict[str, Any]], paths: dict[str, Path],
                summary: tuple[Sequence[str], Sequence[Sequence[Any]]] | None = None) -> None:
-    """Send the tables (and line plots / images) to the configured loggers (W&B; others get scalars)."""
+    """Send the tables, plots and scalars to the configured loggers.
+
+    W&B: tables, a line plot and the plot images; TensorBoard: the scalars, the tables as Markdown
+    text and the PNG plots as images; MLflow: the scalars, the tables as JSON and every report file
+    (results.csv/json, report.md/html, the PNG plots) as artifacts under ``audit/<mode>/``; other
+    loggers (CSV): the scalars.
+    """
+    from xaudit.utils import log_media  # local: log_report is its only user in this module
+
     header, table = summary or summary_table(mode, cells)
     for lg in loggers:
+        if type(lg).__name__ != "WandbLogger":  # W&B gets its richer payload below
+            log_media.log_table(lg, f"audit/{mode}/table", list(header), table, step=0)
+            if mode in RETRAIN_MODES:
+                log_media.log_table(lg, f"audit/{mode}/points", list(POINT_COLUMNS),
+                                    [[r[k] for k in POINT_COLUMNS] for r in retrain_summary(cells, mode)], step=0)
+            log_media.log_outputs(lg, f"audit/{mode}", [p for p in paths.values() if Path(p).is_file()], step=0)
+            log_media.flush(lg)
         if type(lg).__name__ == "WandbLogger":
             import wandb
 

@@ -9,8 +9,9 @@ normalised by its own training mean. Augmentation (reflect-pad crop + flip) runs
 the batch, after masking, so image and mask move together.
 
 Under DDP every rank serves its own slice: training shards are padded by wrapping (every rank
-needs the same number of steps), evaluation shards are rank r taking r, r+W, r+2W, ... without
-padding, like :class:`xaudit.data.UnpaddedDistributedSampler`.
+needs the same number of steps), evaluation shards are whole batches, rank r taking batches r,
+r+W, r+2W, ... without padding (:func:`xaudit.data.base.eval_shard`, as
+:class:`xaudit.data.UnpaddedDistributedSampler`), so a batch is the same as on one device.
 
 The streaming path (any dataset that is not an in-memory :class:`TensorDictDataset`: ImageFolder,
 a litdata/WebDataset-backed map dataset) keeps memory O(batch): a :class:`TensorSplit` then holds
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, default_collate
 
-from xaudit.data.base import Batch, TensorDictDataset, dataset_labels
+from xaudit.data.base import Batch, TensorDictDataset, dataset_labels, eval_shard
 from xaudit.roar.masking import keep_mask
 
 #: builds the keep-mask bool [B,H,W] of a batch from its dataset indices (long [B], on the batch's device)
@@ -253,13 +254,15 @@ class DeviceBatches:
         self.epoch = 0
         self.epoch_of = epoch_of
         n = len(split)
-        self.per_rank = math.ceil(n / self.world) if self.train else len(range(self.rank, n, self.world))
+        self.per_rank = (math.ceil(n / self.world) if self.train
+                         else len(eval_shard(n, self.batch_size, self.rank, self.world)))
 
     def __len__(self) -> int:
         return math.ceil(self.per_rank / self.batch_size)
 
     def _indices(self) -> Tensor:
-        return shard_indices(len(self.split), self.train, self.seed, self.epoch, self.rank, self.world)
+        return shard_indices(len(self.split), self.train, self.seed, self.epoch, self.rank, self.world,
+                             self.batch_size)
 
     def _start_epoch(self) -> tuple[Tensor, torch.Generator]:
         """This pass's indices (on the CPU) and augmentation generator; advances the epoch."""
@@ -296,14 +299,16 @@ class DeviceBatches:
             yield batch
 
 
-def shard_indices(n: int, train: bool, seed: int, epoch: int, rank: int, world: int) -> Tensor:
+def shard_indices(n: int, train: bool, seed: int, epoch: int, rank: int, world: int,
+                  batch_size: int = 1) -> Tensor:
     """Dataset indices one rank serves in one pass (long, CPU).
 
-    Evaluation: rank r takes r, r+W, ... (no padding). Training: a permutation seeded by ``seed``
+    Evaluation: rank r takes the batches r, r+W, ... of ``batch_size`` samples in dataset order
+    (no padding; :func:`~xaudit.data.base.eval_shard`). Training: a permutation seeded by ``seed``
     and ``epoch``, wrapped so every rank takes ``ceil(n / W)`` samples, dealt round-robin.
     """
     if not train:
-        return torch.arange(rank, n, world)
+        return eval_shard(n, batch_size, rank, world)
     per_rank = math.ceil(n / world)
     g = torch.Generator().manual_seed(seed * 100_003 + epoch)
     order = torch.randperm(n, generator=g)

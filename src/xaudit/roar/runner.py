@@ -237,7 +237,8 @@ class RoarSweep:
         needed = [m for m in self.methods if any(c.method == m for c in todo)]
         self.compute_attributions(set(needed))
         progress = SweepProgress(len(self.cells), len(self.cells) - len(todo), f"{self.mode} sweep",
-                                 enabled=self.is_writer)
+                                 enabled=self.is_writer,
+                                 split=f"masked train ({len(self.train)}) / test ({len(self.test)}) images")
         cells = {c.slug: c for c in self.cells}
 
         def finished() -> set[str]:
@@ -249,6 +250,7 @@ class RoarSweep:
             if resume_from and self.is_writer:
                 log.info("%s: resuming at epoch %d of %d (%s)", cell.label, resume_from, self.recipe.epochs,
                          self.checkpoint_path(cell))
+            progress.start(cell.label)
             start = time.perf_counter()
             reset_gpu_peak()
             keep_train, keep_test = self.keep_masks(cell)

@@ -8,9 +8,10 @@ Layout under the audit directory::
     attributions/<method-key>/<split>/done_r<r>of<W>.txt                   the rows writer r finished
 
 The maps of a split are written straight into W fixed-shape raw files (W = the number of ranks that
-computed them; float16 by default): shard ``r`` holds the samples ``r, r+W, r+2W, ...``, which is
-exactly the slice Lightning's ``predict`` hands rank ``r`` (evaluation sharding, no padding), so
-under DDP every rank writes only its own file. There is no second copy: the same files are what
+computed them; float16 by default): shard ``r`` holds the samples ``r, r+W, r+2W, ...``. Under DDP
+``predict`` hands each rank whole batches (evaluation sharding, no padding), and a rank writes the
+rows of its batches into the shards holding them, at offsets no other rank writes; a contiguous
+batch is one contiguous block of each shard. There is no second copy: the same files are what
 :class:`MapReader` reads by index, each map with one ``pread`` into the batch's buffer, without
 loading the rest.
 

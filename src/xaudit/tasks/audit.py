@@ -267,11 +267,19 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"mode": mode, "out_dir": str(out_dir), "mode_dir": str(mode_dir), "cells": cells,
                            "report": {}}
     if _is_writer():
+        if mode in ("evaluate", "roar", "kar") and test.labels.ndim == 1:  # examples.png, embedded by the report
+            from xaudit.reporting.overlays import audit_examples
+
+            roar_cfg = cfg.get("roar") or {}
+            audit_examples(mode, mode_dir, classifier.net, test, methods,
+                           fractions=[] if mode == "evaluate" else _plain(roar_cfg.get("fractions")) or [],
+                           tie_seed=int(roar_cfg.get("tie_seed", 0)),
+                           class_names=getattr(datamodule, "class_names", None))
         # the report shows every cell of this directory (other seeds of a multirun, earlier runs)
         every = list(ResultsLog(mode_dir).read().values())
         meta = {"checkpoint": str(Path(ckpt_path).resolve()), "data": data_cfg.get("_target_", "?"),
                 "methods": ", ".join(sorted({c["method_key"] for c in every})), "target": target,
-                "cells": len(every)}
+                "cells": len(every), "num_classes": int(datamodule.num_classes)}
         if mode == "sanity":
             from xaudit.tasks.sanity import write_sanity_report
 
@@ -290,6 +298,8 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
                 lg.log_hyperparams({**plain_config(cfg), **({"protocol": card} if card else {})})
             stored = json.loads(paths["json"].read_text())["summary"]
             log_report(loggers, mode, every, paths, (stored["header"], stored["rows"]))
+            for lg in loggers:
+                lg.finalize("success")  # MLflow run → FINISHED, TensorBoard event file closed
         finally:
             finish_wandb(loggers)
         out["report"] = {k: str(v) for k, v in paths.items()}
@@ -338,8 +348,10 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
     done = broadcast(results.read() if _is_writer() else None)
     data = SplitDataModule(test=test, eval_batch_size=batch_size, num_workers=int(getattr(datamodule, "num_workers", 0)))
     keys = ["evaluate|model", *[f"evaluate|{method_key(n, kw)}" for n, kw in methods.items()]]
-    progress = SweepProgress(len(keys), sum(k in done for k in keys), "evaluate", enabled=_is_writer())
+    progress = SweepProgress(len(keys), sum(k in done for k in keys), "evaluate", enabled=_is_writer(),
+                             split=f"test ({len(test)} images)")
     if keys[0] not in done:
+        progress.start("checkpoint accuracy")
         start = time.perf_counter()
         reset_gpu_peak()
         trainer = make_trainer("test")
@@ -358,6 +370,7 @@ def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test:
         reset_gpu_peak()
         mkey = method_key(name, kw)
         curves_path = mode_dir / "curves" / f"{mkey}.pt"
+        progress.start(mkey)
         module = ExplainerEvaluation(classifier.net, name, kw, specs, target, curves_path)
         trainer = make_trainer("test")
         res = trainer.test(module, datamodule=data, verbose=False)[0]

@@ -34,7 +34,8 @@ def build(cfg: DictConfig) -> tuple[pl.LightningDataModule, Classifier]:
     """Instantiate the datamodule, then the model sized from it (classes, channels, image size)."""
     datamodule = instantiate(cfg.data)
     model = instantiate(cfg.model, num_classes=datamodule.num_classes, in_chans=datamodule.in_chans,
-                        image_size=datamodule.image_size)
+                        image_size=datamodule.image_size,
+                        multilabel=bool(getattr(datamodule, "multilabel", False)))
     # plain data only: the checkpoint stays loadable with torch.load(weights_only=True)
     model.xaudit_info = {"data": datamodule.describe(), "config": plain_config(cfg)}
     return datamodule, model
