@@ -291,7 +291,8 @@ class ImageNetFolder(Dataset):
             if xml is not None:
                 boxes, xml_wh, by_name = read_boxes(xml, self.folder.classes[folder_index])
                 if boxes:
-                    drawn = geometry(box_mask(boxes, img.size, xml_wh), self.size, self.resize, InterpolationMode.NEAREST)
+                    drawn = geometry(box_mask(boxes, img.size, xml_wh), self.size, self.resize,
+                                     InterpolationMode.NEAREST)
                     mask = TF.pil_to_tensor(drawn)[0] > 0
                     matched = torch.tensor(by_name)
             item["mask"] = mask
@@ -308,7 +309,7 @@ def embedded_setup(args: argparse.Namespace) -> tuple[nn.Module, Dataset, dict[s
         from omegaconf import OmegaConf
 
         from xaudit.models import load_classifier
-        from xaudit.tasks.common import instantiate
+        from xaudit.utils.config import instantiate
 
         classifier = load_classifier(args.checkpoint)
         data_cfg = (classifier.xaudit_info.get("config") or {}).get("data")

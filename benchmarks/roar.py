@@ -37,7 +37,7 @@ from xaudit.explainers import create
 from xaudit.roar import DeviceBatches, ResultsLog, TensorSplit, keep_mask
 from xaudit.roar.runner import Recipe, RoarSweep, retrain
 from xaudit.tasks.audit import trainer_factory
-from xaudit.tasks.common import instantiate
+from xaudit.utils.config import instantiate
 from xaudit.utils.progress import quiet_lightning
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,7 +93,8 @@ def median(values: list[float]) -> float:
     return values[len(values) // 2]
 
 
-def data_path_epoch(train: TensorSplit, batch_size: int, keep: torch.Tensor, device: torch.device) -> tuple[float, float]:
+def data_path_epoch(train: TensorSplit, batch_size: int, keep: torch.Tensor,
+                    device: torch.device) -> tuple[float, float]:
     """Seconds for one epoch of batches: DataLoader (per item) vs device-held batches."""
     ds = TensorDictDataset(train.images, train.labels, MEAN, STD, augment=True)
     start = time.perf_counter()

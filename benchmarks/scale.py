@@ -166,7 +166,7 @@ def imagenet_costs(out: Path, size: int = 224, n_maps: int = 2048, batch: int = 
     from PIL import Image
     from torchvision.transforms import v2
 
-    from xaudit.roar.masking import keep_mask
+    from xaudit.ops.masking import keep_mask
     from xaudit.roar.store import AttributionStore, ShardWriter
 
     torch.set_num_threads(1)
@@ -226,7 +226,8 @@ def imagenet_projection(costs: dict[str, float], node_img_s: float, epochs: int,
     train_h = cells * epochs * train / node_img_s / 3600
     # attributions: grad_cam and saliency ≈ one forward+backward per image, integrated_gradients 50
     attr_h = (1 + 1 + 50) * (train + val) / node_img_s / 3600
-    print(f"\nImageNet ROAR projection ({cells} cells × {epochs} epochs; ASSUMED {node_img_s:.0f} img/s per 8-GPU node):"
+    print(f"\nImageNet ROAR projection ({cells} cells × {epochs} epochs; "
+          f"ASSUMED {node_img_s:.0f} img/s per 8-GPU node):"
           f"\n  store per method: {store_gb:.0f} GB float16 (one copy), written at "
           f"{costs['write_ms'] * (train + val) / 3.6e6:.2f} core-hours"
           f"\n  read bandwidth per node in a masked epoch: {node_img_s * (jpeg_kb + map_kb) / 1e6:.2f} GB/s "
@@ -267,7 +268,8 @@ def main() -> None:
         if not folder.is_dir():
             write_folder(folder, sizes[-1] * args.n, max(args.limit, sizes[-1] * args.n // 4), args.image_size)
         for workers in sorted({0, args.workers}):
-            throughput(out / f"data_{sizes[-1]}N", out / f"audit_{sizes[-1]}N", args.image_size, args.batch_size, workers)
+            throughput(out / f"data_{sizes[-1]}N", out / f"audit_{sizes[-1]}N", args.image_size, args.batch_size,
+                       workers)
         return
     common = ["trainer=cpu" if not torch.cuda.is_available() else "trainer=gpu", "trainer.enable_progress_bar=false",
               "logger=csv", f"paths.log_dir={out / 'logs'}"]
@@ -297,7 +299,8 @@ def main() -> None:
         (ev_s, ev_gpu), (ro_s, ro_gpu) = (cell_seconds(out / f"audit_{k}N" / mode) for mode in ("evaluate", "roar"))
         rows.append((k, n_train, n_test, ev_rss, ev_s / args.limit * 1e3, ro_rss, ro_s / (n_train + n_test) * 1e3))
         gpu = "" if ev_gpu is None else f"; peak GPU memory evaluate {ev_gpu:.0f} MiB, roar {ro_gpu:.0f} MiB"
-        print(f"{k}N: evaluate {ev_wall:.1f} s, peak RSS {ev_rss:.0f} MiB; roar {ro_wall:.1f} s, peak RSS {ro_rss:.0f} MiB"
+        print(f"{k}N: evaluate {ev_wall:.1f} s, peak RSS {ev_rss:.0f} MiB; "
+              f"roar {ro_wall:.1f} s, peak RSS {ro_rss:.0f} MiB"
               f"{gpu}", flush=True)
 
     print("\n| size | train / test images | evaluate peak RSS (MiB) | evaluate ms / image (3 cells) | "

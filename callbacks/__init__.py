@@ -1,5 +1,5 @@
-"""Lightning callbacks, installed as ``xaudit.callbacks``."""
+"""The public entry to xaudit's Lightning callbacks; the code lives in :mod:`xaudit.callbacks`."""
 
-from xaudit.callbacks.explanation_monitor import ExplanationMonitor
+from xaudit.callbacks import ExplanationMonitor
 
 __all__ = ["ExplanationMonitor"]

@@ -42,7 +42,8 @@ def test_wandb_offline_run_holds_grids_scalars_and_tables(make_cfg) -> None:
             key = f"explain/{method}/{scalar}"
             logged = [row[key] for row in history if key in row]
             assert len(logged) == 2 and all(0.0 <= v <= 1.0 for v in logged), key
-        moved = [row[f"explain/{method}/rank_corr_prev"] for row in history if f"explain/{method}/rank_corr_prev" in row]
+        moved = [row[f"explain/{method}/rank_corr_prev"] for row in history
+                 if f"explain/{method}/rank_corr_prev" in row]
         assert len(moved) == 1 and -1.0 <= moved[0] <= 1.0  # only from the second epoch on
     pngs = sorted((Path(out["run_dir"]) / "explanations").glob("epoch_*.png"))
     assert [p.name for p in pngs] == ["epoch_000.png", "epoch_001.png"]

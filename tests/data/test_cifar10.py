@@ -30,8 +30,10 @@ def test_reads_tiny_cifar_batches(tmp_path: Path) -> None:
 
 def test_trains_one_step_on_cifar_files(tmp_path: Path, make_cfg) -> None:
     write_cifar10(tmp_path / "data")
-    cfg = make_cfg("data=cifar10", "data.val_size=10", "data.num_workers=0", "callbacks.explanation_monitor.num_samples=4", "data.batch_size=16",
-                   "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false", fast=False, out=tmp_path)
+    cfg = make_cfg("data=cifar10", "data.val_size=10", "data.num_workers=0",
+                   "callbacks.explanation_monitor.num_samples=4", "data.batch_size=16",
+                   "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false",
+                   fast=False, out=tmp_path)
     out = train(cfg)
     assert out["ckpt_path"].endswith(".ckpt") and Path(out["ckpt_path"]).is_file()
 

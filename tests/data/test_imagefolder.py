@@ -28,7 +28,8 @@ def test_reads_png_tree_rgb_and_grayscale(tmp_path: Path) -> None:
 
 def test_trains_one_step_on_png_tree(tmp_path: Path, make_cfg) -> None:
     write_image_folder(tmp_path / "data" / "imagefolder", per_class=4, size=20)
-    cfg = make_cfg("data=imagefolder", "data.image_size=16", "data.num_workers=0", "data.batch_size=6", "callbacks.explanation_monitor.num_samples=4",
+    cfg = make_cfg("data=imagefolder", "data.image_size=16", "data.num_workers=0", "data.batch_size=6",
+                   "callbacks.explanation_monitor.num_samples=4",
                    "trainer.limit_train_batches=1", "test=true", fast=False, out=tmp_path)
     out = train(cfg)
     assert Path(out["ckpt_path"]).is_file()

@@ -153,7 +153,8 @@ def test_bad_input_names_the_problem_and_the_fix(get_model: Any) -> None:
         inf.influence(dm.val_dataloader(), of_class=3)
     with pytest.raises(ConfigError, match="of_class needs labels"):
         inf.influence(images(2), of_class=1)
-    with pytest.raises(ConfigError, match=r"unit index 32 is out of range: layer 'features.block5' has 32 units.*0\.\.31"):
+    with pytest.raises(ConfigError,
+                       match=r"unit index 32 is out of range: layer 'features.block5' has 32 units.*0\.\.31"):
         inf.unit_attributions(images(1), [0, 32])
     with pytest.raises(ConfigError, match=r"Unknown target_layer 'features.block9'.*Choices:.*features\.block5"):
         InfluenceDirected(model, 1, layer="features.block9")

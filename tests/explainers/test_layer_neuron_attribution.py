@@ -127,7 +127,8 @@ def test_completeness(resnet: nn.Module, x: torch.Tensor) -> None:
     with torch.no_grad():
         gap = resnet(x).gather(1, TARGET[:, None])[:, 0] - resnet(zero).gather(1, TARGET[:, None])[:, 0]
     for name in ("layer_integrated_gradients", "layer_conductance"):
-        got = create(name, resnet, target_layer="layer4", steps=3, method="riemann_trapezoid").attribute_layer(x, TARGET)
+        got = create(name, resnet, target_layer="layer4", steps=3,
+                     method="riemann_trapezoid").attribute_layer(x, TARGET)
         torch.testing.assert_close(got.flatten(1).sum(1), gap, rtol=0, atol=1e-12 * float(gap.abs().max()))
     acts: dict[str, torch.Tensor] = {}
     h = resnet.layer2.register_forward_hook(lambda m, i, o: acts.__setitem__("a", o[:, 7, 1, 1]))

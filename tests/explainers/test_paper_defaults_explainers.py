@@ -67,7 +67,8 @@ def test_lime_weights_are_lime_kernel_on_sklearn_cosine_distance() -> None:
     d = pairwise_distances(z.numpy(), z[0].numpy().reshape(1, -1), metric="cosine").ravel()
     width = LIME_PACKAGE["kernel_width"]
     np.testing.assert_allclose(w.numpy(), np.sqrt(np.exp(-(d ** 2) / width ** 2)), rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(_lime_kernel(torch.tensor(d), width), torch.from_numpy(np.sqrt(np.exp(-(d ** 2) / width ** 2))),
+    torch.testing.assert_close(_lime_kernel(torch.tensor(d), width),
+                               torch.from_numpy(np.sqrt(np.exp(-(d ** 2) / width ** 2))),
                                rtol=1e-12, atol=1e-12)
     big, _ = create("lime", torch.nn.Conv2d(3, 1, 1), n_samples=2001).coalitions(50, torch.Generator().manual_seed(1))
     assert abs(float(big[1:].mean()) - 0.5) < 0.01
@@ -93,7 +94,8 @@ def test_lime_package_defaults_are_still_these() -> None:
     assert "np.sqrt(np.exp(-(d ** 2) / kernel_width ** 2))" in source
     assert "randint(0, 2, num_samples * n_features)" in source and "data[0, :] = 1" in source
     # the final surrogate (model_regressor=None); the Ridge(alpha=0 / 0.01) fits above it only select features
-    ridge = re.search(r"model_regressor = Ridge\(alpha=([\d.]+), fit_intercept=True", inspect.getsource(lime_base.LimeBase))
+    ridge = re.search(r"model_regressor = Ridge\(alpha=([\d.]+), fit_intercept=True",
+                      inspect.getsource(lime_base.LimeBase))
     assert ridge is not None and float(ridge.group(1)) == LIME_PACKAGE["ridge_alpha"]
 
 

@@ -32,7 +32,8 @@ def test_create_builds_each(name: str, get_model: Any) -> None:
 
 def test_unknown_name_lists_the_choices(get_model: Any) -> None:
     with pytest.raises(ConfigError,
-                       match=r"Unknown explainer 'gradcam'.*Did you mean 'grad_cam'.*Choices: ablation_cam, attention_rollout, attn_lrp, cam, "):
+                       match=r"Unknown explainer 'gradcam'.*Did you mean 'grad_cam'.*"
+                             r"Choices: ablation_cam, attention_rollout, attn_lrp, cam, "):
         create("gradcam", get_model("small_cnn"))
 
 

@@ -213,7 +213,8 @@ def test_sampling_is_seeded_per_image_and_leaves_the_global_rng_alone(get_model:
     freq = torch.bincount(sizes, minlength=14)[1:].double() / 4000
     assert (freq - p).abs().max() < 0.02 and torch.equal(w, torch.ones(4002, dtype=torch.float64))
     # the full and empty coalitions come first (they carry f(x) and f(baseline))
-    assert torch.equal(z[0], torch.ones(14, dtype=torch.float64)) and torch.equal(z[1], torch.zeros(14, dtype=torch.float64))
+    assert (torch.equal(z[0], torch.ones(14, dtype=torch.float64))
+            and torch.equal(z[1], torch.zeros(14, dtype=torch.float64)))
 
 
 def test_slic_follows_object_boundaries() -> None:
@@ -260,7 +261,7 @@ def test_feature_mask_is_used_and_checked(get_model: Any) -> None:
         shap.attribute(x, 1, feature_mask=mask.float())
     with pytest.raises(ExplainerInputError, match=r"\[B,H,W\] = \(2, 32, 32\)"):
         shap.attribute(x, 1, feature_mask=mask[:, :16])
-    with pytest.raises(ConfigError, match="n_segments must be an integer ≥2"):
+    with pytest.raises(ConfigError, match="n_segments=1 must be an integer ≥2"):
         create("lime", model, n_segments=1)
     with pytest.raises(ExplainerInputError, match="single region in sample"):
         shap.attribute(x, 1, feature_mask=torch.zeros(32, 32, dtype=torch.long))  # one [H,W] map for the batch
@@ -444,7 +445,8 @@ def test_lime_defaults_equal_the_lime_package_on_the_same_samples() -> None:
     lo, hi = float(x[0].double().min()), float(x[0].double().max())
     img = ((x[0].double() - lo) / (hi - lo)).permute(1, 2, 0).numpy()
     explainer = lime_image.LimeImageExplainer(random_state=_ReplayedRandomState(z))
-    quiet = {"progress_bar": False} if "progress_bar" in inspect.signature(explainer.explain_instance).parameters else {}
+    quiet = ({"progress_bar": False} if "progress_bar" in inspect.signature(explainer.explain_instance).parameters
+             else {})
     exp = explainer.explain_instance(img, _lime_classifier_fn(model, lo, hi - lo), labels=(2,), top_labels=None,
                                      num_samples=z.shape[0], **quiet)
     assert torch.equal(labels[0], torch.from_numpy(exp.segments).long()), "lime's quickshift segments differ"

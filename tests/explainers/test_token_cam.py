@@ -192,7 +192,8 @@ def test_layer_that_is_neither_tokens_nor_a_feature_map_is_a_clear_error() -> No
     model = timm_vit()
     with pytest.raises(ConfigError, match=r"'head' outputs shape \(1, 4\).*target_layer=.*reshape="):
         create("grad_cam", model, target_layer="head").attribute(images(1), 0)
-    with pytest.raises(ConfigError, match=r"'blocks\.0' outputs shape \(1, 17, 32\); reshape='none' needs a \[B,K,h,w\]"):
+    with pytest.raises(ConfigError,
+                       match=r"'blocks\.0' outputs shape \(1, 17, 32\); reshape='none' needs a \[B,K,h,w\]"):
         create("grad_cam", model, target_layer="blocks.0", reshape="none").attribute(images(1), 0)
     with pytest.raises(ConfigError, match=r"reshape='channels_last' needs a \[B,H,W,C\]"):
         create("grad_cam", model, target_layer="blocks.0", reshape="channels_last").attribute(images(1), 0)

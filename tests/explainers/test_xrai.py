@@ -100,7 +100,7 @@ def test_bad_settings_name_the_fix(get_model: Any) -> None:
         create("xrai", model, baselines="black")
     with pytest.raises(ConfigError, match=r"Unknown baselines 'grey'.*also accepts \['black', 'white'\]"):
         create("xrai", model, baselines=["grey"])
-    with pytest.raises(ConfigError, match="n_segments must be an integer ≥2"):
+    with pytest.raises(ConfigError, match="n_segments=1 must be an integer ≥2"):
         create("xrai", model, n_segments=(1, 8))
     with pytest.raises(ConfigError, match=r"area_threshold must be in \(0, 1\]"):
         create("xrai", model, area_threshold=0)

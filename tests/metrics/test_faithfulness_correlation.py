@@ -56,7 +56,8 @@ def test_correlation_is_pearson_of_sums_and_drops(trained_gray):
     net, x, y = trained_gray
     x, y = x[:1], y[:1]
     attr = x[:, 0].clone()
-    subsets = torch.stack([torch.randperm(1024, generator=torch.Generator().manual_seed(i))[:50] for i in range(8)])[None]
+    subsets = torch.stack([torch.randperm(1024, generator=torch.Generator().manual_seed(i))[:50]
+                           for i in range(8)])[None]
     ours = float(faithfulness_correlation(net, x, attr, y, subsets)[0])
     sums, drops = [], []
     with torch.no_grad():

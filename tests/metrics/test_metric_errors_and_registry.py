@@ -38,7 +38,8 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_attribution_shape_must_match_the_images(tiny_cnn, batch, make):
     x, attr, y = batch
     for bad in (attr[:, :8], attr[:1], attr[:, None].expand(2, 2, 16, 16)):
-        with pytest.raises(ValueError, match=r"attribution shape \[.*\] does not match the images: expected \[2, 16, 16\]"):
+        with pytest.raises(ValueError,
+                           match=r"attribution shape \[.*\] does not match the images: expected \[2, 16, 16\]"):
             make(tiny_cnn).update(x, bad, y)
 
 

@@ -14,8 +14,8 @@ from xaudit.explainers.fills import rise_kernel_size, rise_sigma
 from xaudit.metrics import DeletionInsertion
 from xaudit.metrics.localisation import MaskIoU, PointingGame
 from xaudit.metrics.perturbation import step_counts
-from xaudit.roar.masking import keep_mask, removal_order
-from xaudit.utils.ranking import pixel_ranks
+from xaudit.ops.masking import keep_mask, removal_order
+from xaudit.ops.ranking import pixel_ranks
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 

@@ -28,7 +28,8 @@ def _evaluate_cells() -> list[dict[str, Any]]:
                                     "method_key": "model", "test_acc": 0.95, "count": 32}]
     for i, m in enumerate(("grad_cam", "saliency", "random")):
         cells.append({"cell": f"evaluate|{m}", "mode": "evaluate", "method": m, "method_key": m, "count": 32,
-                      "metrics": {"deletion": 0.2 + 0.1 * i, "insertion": 0.7 - 0.1 * i, "pointing_game": 0.9 - 0.3 * i},
+                      "metrics": {"deletion": 0.2 + 0.1 * i, "insertion": 0.7 - 0.1 * i,
+                                  "pointing_game": 0.9 - 0.3 * i},
                       "metrics_se": {"deletion": 0.01, "insertion": 0.01, "pointing_game": 0.05},
                       "families": fam, "higher_is_better": hib,
                       "curves": {"deletion": [1.0, 0.5 + 0.1 * i, 0.2], "insertion": [0.1, 0.5 - 0.1 * i, 0.9]}})

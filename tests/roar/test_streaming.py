@@ -16,8 +16,8 @@ import torch
 from torch.utils.data import Dataset
 
 from xaudit.data.base import TensorDictDataset, eval_shard
+from xaudit.ops.masking import keep_mask
 from xaudit.roar.data import DeviceBatches, LazyImages, MapKeep, StreamBatches, TensorSplit
-from xaudit.roar.masking import keep_mask
 from xaudit.roar.store import AttributionStore, MapReader, ShardWriter, SplitLayout
 from xaudit.tasks.audit import audit
 from xaudit.tasks.train import train
@@ -70,12 +70,13 @@ def test_each_rank_decodes_only_its_own_images() -> None:
     data = Counting(n=11)
     split = TensorSplit.from_dataset(data, (0.0,) * 3, (1.0,) * 3)
     data.seen.clear()
-    list(StreamBatches(split, 4, rank=1, world=2))  # evaluation sharding: rank 1 takes 1, 3, 5, ...
-    assert data.seen == [1, 3, 5, 7, 9]
+    list(StreamBatches(split, 4, rank=1, world=2))  # evaluation sharding: rank 1 takes the 2nd batch of 4
+    assert data.seen == [4, 5, 6, 7]
     data.seen.clear()
     list(StreamBatches(split, 4, train=True, seed=2, rank=0, world=2))
     assert len(data.seen) == 6 and set(data.seen) == set(DeviceBatches(
-        TensorSplit(data.images, data.labels, (0.0,) * 3, (1.0,) * 3), 4, train=True, seed=2, world=2)._indices().tolist())
+        TensorSplit(data.images, data.labels, (0.0,) * 3, (1.0,) * 3), 4, train=True, seed=2,
+        world=2)._indices().tolist())
 
 
 @pytest.mark.parametrize(("rank", "world"), [(0, 1), (1, 2)])
@@ -141,7 +142,8 @@ def test_streamed_audit_equals_the_in_memory_audit(mode: str, folder_ckpt: tuple
     ckpt, _ = folder_ckpt
     extra = (["audit=roar", "explainer=[saliency]", "controls=[random]", "roar.fractions=[0.5]", "roar.epochs=1",
               "roar.seed=0"]
-             if mode == "roar" else ["audit=evaluate", "explainer=[saliency]", "controls=[random]", "evaluate.limit=20"])
+             if mode == "roar"
+             else ["audit=evaluate", "explainer=[saliency]", "controls=[random]", "evaluate.limit=20"])
     ranks = ["trainer=ddp_sim"] if mode == "evaluate-ddp" else []
     streamed = _audit(ckpt, tmp_path / "stream", *extra, *ranks, "data_path=stream")
     memory = _audit(ckpt, tmp_path / "memory", *extra, "data_path=memory")

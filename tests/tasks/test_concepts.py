@@ -235,7 +235,8 @@ def test_user_concept_folder(models: dict[str, str], tmp_path: Path) -> None:
     (["concepts.layer=fc"], r"concepts.layer 'fc' outputs shape \(1, 4\), not a spatial .*features.block4"),
     # the choices are the spatial layers: the flat head ("fc") is not offered
     (["concepts.layer=features.block9"],
-     r"^(?!.*\bfc\b)Unknown layer 'features.block9' \(concepts.layer\)\..*Choices: avgpool, features, features\.block1, "
+     r"^(?!.*\bfc\b)Unknown layer 'features.block9' \(concepts.layer\)\..*"
+     r"Choices: avgpool, features, features\.block1, "
      r".*features\.block5,"),
     (["concepts.num_random=1"], r"concepts.num_random=1 must be an integer ≥2"),
     (["concepts.alpha=1.5"], r"concepts.alpha=1.5 must lie in \(0, 1\)"),

@@ -51,7 +51,7 @@ def test_every_experiment_runs_one_fast_step(experiment: str, make_cfg, tmp_path
 @pytest.mark.parametrize("experiment", AUDIT_EXPERIMENTS)
 def test_train_refuses_an_audit_experiment(experiment: str, make_cfg) -> None:
     cfg = make_cfg(f"experiment={experiment}")
-    with pytest.raises(ConfigError, match=r"audit experiment.*python audit\.py experiment=<name>"):
+    with pytest.raises(ConfigError, match=r"audit experiment.*python audit\.py audit=<name>"):
         train(cfg)
 
 

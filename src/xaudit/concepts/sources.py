@@ -17,10 +17,11 @@ from torch import Tensor, nn
 
 from xaudit.concepts.tcav import on_model, spatial_layers
 from xaudit.data.shapes import ShapesDataModule, generate_shapes
+from xaudit.data.tensor_split import TensorSplit
 from xaudit.explainers.base import explain_mode
 from xaudit.explainers.hooks import resolve_layer
-from xaudit.roar.data import TensorSplit
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import positive_int
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -49,9 +50,7 @@ def load_concept_folder(folder: str | Path, name: str, image_size: int, in_chans
 
 def concepts_int(value: Any, key: str, minimum: int) -> int:
     """``concepts.<key>`` as an integer ≥ ``minimum`` (a ConfigError naming the key otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"concepts.{key}={value!r} must be an integer ≥{minimum}.")
-    return int(value)
+    return positive_int(value, f"concepts.{key}", minimum)
 
 
 Draw = Callable[[int], Tensor]

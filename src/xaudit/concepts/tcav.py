@@ -152,7 +152,8 @@ class ConceptResult:
                 "tcav_std": round(float(np.std(self.scores)), 6), "random_tcav": round(self.random_mean, 6),
                 "random_std": round(float(np.std(self.random_scores)), 6), "p_value": self.p_value,
                 "significant": self.significant, "cav_accuracy": round(self.cav_accuracy, 6),
-                "scores": [round(s, 6) for s in self.scores], "random_scores": [round(s, 6) for s in self.random_scores]}
+                "scores": [round(s, 6) for s in self.scores],
+                "random_scores": [round(s, 6) for s in self.random_scores]}
 
 
 ALTERNATIVES = ("greater", "two-sided")

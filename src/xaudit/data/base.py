@@ -47,6 +47,14 @@ class TensorDictDataset(Dataset):
 
     Images stay uint8 in memory (4x smaller than float) and are normalised per item.
     ``augment`` applies a seeded-by-global-RNG random crop (pad 4) and horizontal flip.
+
+    Args:
+        images: uint8 images [N,C,H,W].
+        labels: class indices [N] (or multi-hot [N,K]).
+        mean: per-channel normalisation mean, in [0,1] units.
+        std: per-channel normalisation standard deviation.
+        masks: optional bool ground-truth masks [N,H,W] (or [N,K,H,W]), returned as ``mask``.
+        augment: random crop (pad 4) and horizontal flip per item (training split).
     """
 
     def __init__(
@@ -127,6 +135,12 @@ class UnpaddedDistributedSampler(DistributedSampler):
     rank r takes the batches r, r+W, ... of ``batch_size`` samples (:func:`eval_shard`); ranks may
     differ by one batch, and torchmetrics' sum/cat states reduce that exactly. Subclassing
     DistributedSampler tells Lightning not to replace it.
+
+    Args:
+        dataset: the evaluation dataset (only its length is read).
+        num_replicas: the world size W.
+        rank: this process's rank r.
+        batch_size: the evaluation batch size (the unit of sharding).
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, batch_size: int = 1) -> None:
@@ -150,6 +164,12 @@ class XAuditDataModule(pl.LightningDataModule):
     ``num_workers`` is a count or "auto" (:func:`auto_num_workers`, split between the training
     processes of a node). Batches are put in pinned memory only when the trainer runs on CUDA,
     where Lightning's ``non_blocking`` copy then overlaps the transfer; on CPU pinning only costs.
+
+    Args:
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`).
+        seed: seeds the generated data or the validation holdout, and the DDP training sampler.
     """
 
     num_classes: int

@@ -66,6 +66,16 @@ class CIFAR10DataModule(XAuditDataModule):
 
     ``data_dir`` must contain ``cifar-10-batches-py/`` (or set ``download=true`` where there is
     network). Train images get the standard crop+flip augmentation.
+
+    Args:
+        data_dir: folder holding ``cifar-10-batches-py/``.
+        download: fetch the archive (md5-checked) when the batches are missing.
+        val_size: training images held out as the validation split.
+        augment: random crop (pad 4) and horizontal flip of the training images.
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`).
+        seed: seeds the generated data or the validation holdout, and the DDP training sampler.
     """
 
     mean_is_train_mean = True  # CIFAR10_MEAN is the published mean of the 50 000 train images

@@ -39,7 +39,20 @@ def _table(path: Path) -> dict[int, list[str]]:
 
 
 class CUBDataModule(FileDataModule):
-    """CUB-200-2011 species with box masks (``has_masks``)."""
+    """CUB-200-2011 species with box masks (``has_masks``).
+
+    Args:
+        data_dir: the folder holding ``CUB_200_2011/`` (as the archive extracts; no download).
+        val_size: seeded holdout of the official train split (a fraction or a count).
+        image_size: side of the square network input (shorter side resized, centre crop).
+        mean: per-channel normalisation mean (ImageNet's by default).
+        std: per-channel normalisation standard deviation.
+        augment: random horizontal flip of the training images.
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`).
+        seed: seeds the generated data or the validation holdout, and the DDP training sampler.
+    """
 
     has_masks = True
 

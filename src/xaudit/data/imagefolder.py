@@ -40,7 +40,24 @@ __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageFolderDataModule"]
 
 class ImageFolderDataModule(FileDataModule):
     """Folder-of-class-folders data, resized to ``image_size`` and normalised with ``mean``/``std``;
-    ``masks_dir`` or ``boxes`` add the ``mask`` of each image (``has_masks``)."""
+    ``masks_dir`` or ``boxes`` add the ``mask`` of each image (``has_masks``).
+
+    Args:
+        data_dir: the tree ``{train,val[,test]}/<class>/<images>``.
+        image_size: side of the square network input (shorter side resized, centre crop).
+        grayscale: read the images as one channel (``mean``/``std`` averaged to one value).
+        mean: per-channel normalisation mean (ImageNet's by default).
+        std: per-channel normalisation standard deviation.
+        augment: random horizontal flip of the training images.
+        masks_dir: mask images ``<dir>/{split}/<class>/<image stem>.png`` (nonzero = object; relative
+            paths are under ``data_dir``).
+        boxes: COCO-style box annotations per split (e.g. ``boxes_{split}.json``); at most one of
+            ``masks_dir`` and ``boxes``.
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`).
+        seed: seeds the generated data or the validation holdout, and the DDP training sampler.
+    """
 
     def __init__(self, data_dir: str, image_size: int = 224, grayscale: bool = False,
                  mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,

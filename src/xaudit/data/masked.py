@@ -37,6 +37,10 @@ class MaskImage:
     ``values=None``: every nonzero pixel is object (binary masks, instance-id masks, any nonzero
     colour of an RGB mask); otherwise the pixels whose (palette) value is in ``values`` (a VOC
     class index, the Pet trimap's foreground 1 and boundary 3).
+
+    Args:
+        path: the mask image file.
+        values: the pixel (palette) values that are object; None: every nonzero pixel.
     """
 
     def __init__(self, path: str | Path, values: Sequence[int] | None = None) -> None:
@@ -58,7 +62,13 @@ class MaskImage:
 
 class MaskBoxes:
     """Boxes filled as rectangles (their union is the object). ``size``: the (W, H) the annotation
-    was made on, when it says (COCO ``width``/``height``); it must match the image."""
+    was made on, when it says (COCO ``width``/``height``); it must match the image.
+
+    Args:
+        boxes: ``(x0, y0, x1, y1)`` boxes in pixel coordinates (pixel i covers [i, i+1)).
+        size: the (W, H) the boxes were annotated on, or None.
+        source: where the boxes come from (named in errors).
+    """
 
     def __init__(self, boxes: Sequence[Box], size: tuple[int, int] | None = None, source: str = "") -> None:
         self.boxes, self.size, self.source = [tuple(float(v) for v in b) for b in boxes], size, source
@@ -87,6 +97,13 @@ class JointTransform:
     Image: RGB (or grayscale), shorter side to ``image_size`` (bilinear, antialiased), centre
     crop, horizontal flip with probability 0.5 when ``flip``, ``ToTensor``, normalisation. The
     mask takes the same geometry with nearest-neighbour resizing and comes back bool [S,S].
+
+    Args:
+        image_size: the output side S.
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation standard deviation.
+        grayscale: convert images to one channel instead of RGB.
+        flip: random horizontal flip (training).
     """
 
     def __init__(self, image_size: int, mean: Sequence[float], std: Sequence[float], grayscale: bool = False,
@@ -116,6 +133,13 @@ class MaskedImageDataset(Dataset):
 
     ``samples``/``targets``/``root`` mirror torchvision's ImageFolder, so labels are read and the
     dataset fingerprinted (attribution stores) without decoding images.
+
+    Args:
+        samples: ``(image path, class index)`` pairs.
+        transform: the image (+ mask) pipeline.
+        root: the split's folder (recorded, as ImageFolder's ``root``).
+        masks: one mask source per sample (:class:`MaskImage` or :class:`MaskBoxes`), or None.
+        classes: the class names, or None.
     """
 
     def __init__(self, samples: Sequence[tuple[str, int]], transform: JointTransform, root: str | Path,
@@ -169,6 +193,17 @@ class FileDataModule(XAuditDataModule):
 
     Subclasses set ``class_names``, ``num_classes`` and ``has_masks`` and implement
     :meth:`dataset` (one split as a :class:`MaskedImageDataset`) and :meth:`split_names`.
+
+    Args:
+        image_size: side of the square network input (shorter side resized, centre crop).
+        grayscale: read the images as one channel (``mean``/``std`` averaged to one value).
+        mean: per-channel normalisation mean (ImageNet's by default).
+        std: per-channel normalisation standard deviation.
+        augment: random horizontal flip of the training images.
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`).
+        seed: seeds the generated data or the validation holdout, and the DDP training sampler.
     """
 
     def __init__(self, image_size: int = 224, grayscale: bool = False,

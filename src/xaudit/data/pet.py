@@ -25,7 +25,21 @@ from xaudit.utils.errors import DataNotFoundError
 
 
 class OxfordPetDataModule(FileDataModule):
-    """Oxford-IIIT Pet breeds with trimap masks (``has_masks``)."""
+    """Oxford-IIIT Pet breeds with trimap masks (``has_masks``).
+
+    Args:
+        data_dir: the folder holding ``oxford-iiit-pet/{images,annotations}`` (no download).
+        boundary: count the trimap's boundary band as pet too.
+        val_size: seeded holdout of trainval (a fraction or a count).
+        image_size: side of the square network input (shorter side resized, centre crop).
+        mean: per-channel normalisation mean (ImageNet's by default).
+        std: per-channel normalisation standard deviation.
+        augment: random horizontal flip of the training images.
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`).
+        seed: seeds the generated data or the validation holdout, and the DDP training sampler.
+    """
 
     has_masks = True
 

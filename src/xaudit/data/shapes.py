@@ -43,7 +43,7 @@ class ShapesSplit:
     cues: torch.Tensor
 
 
-def _shape_inside(kind: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+def shape_inside(kind: torch.Tensor, u: torch.Tensor, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     """Boolean inside-test for each image's shape in its own rotated, centred frame (u, v)."""
     r = r[:, None, None]
     d = torch.sqrt(u**2 + v**2)
@@ -102,7 +102,7 @@ def generate_shapes(
     cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
     u = cos * dx + sin * dy
     v = -sin * dx + cos * dy
-    masks = _shape_inside(labels, u, v, radius)
+    masks = shape_inside(labels, u, v, radius)
 
     # Object colour: random saturated colour, never tied to the class.
     obj = 0.35 + 0.65 * rand(n, 3)
@@ -155,6 +155,21 @@ class ShapesDataModule(XAuditDataModule):
 
     ``test_cue="same"`` draws the test split like train (same ``spurious_p``);
     ``"shuffled"`` makes the test cue independent of the class, so a shortcut model is exposed.
+
+    Args:
+        num_classes: number of shapes (2..6, taken in the order circle, square, triangle, cross, ring, diamond).
+        image_size: side of the square images in px (≥12).
+        n_train: training images.
+        n_val: validation images.
+        n_test: test images.
+        spurious_p: probability that the cue matches the class ("wolf on snow"); 0 = no shortcut.
+        cue: the spurious cue: ``background`` | ``corner`` | ``stripes``.
+        test_cue: ``same`` (test drawn like train) or ``shuffled`` (cue independent of the class).
+        noise: standard deviation of the pixel noise added to every image.
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`).
+        seed: seeds the generated data or the validation holdout, and the DDP training sampler.
     """
 
     has_masks = True

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from xaudit.data.base import TensorDictDataset, XAuditDataModule, channel_stats
-from xaudit.data.shapes import SHAPES, _shape_inside, check_shapes_args
+from xaudit.data.shapes import SHAPES, check_shapes_args, shape_inside
 from xaudit.utils.errors import ConfigError
 
 #: a class is in an image's label set when at least this fraction of its shape stays visible
@@ -86,7 +86,7 @@ def generate_multilabel_shapes(
         angle = (rand(n) - 0.5) * (math.pi / 6)
         dx, dy = xx[None] - cx[:, None, None], yy[None] - cy[:, None, None]
         cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
-        inside = _shape_inside(kind, cos * dx + sin * dy, -sin * dx + cos * dy, radius)
+        inside = shape_inside(kind, cos * dx + sin * dy, -sin * dx + cos * dy, radius)
         inside &= (j < counts)[:, None, None]
         colour = 0.35 + 0.65 * rand(n, 3)
         images = torch.where(inside[:, None], colour[:, :, None, None].expand(n, 3, s, s), images)
@@ -116,6 +116,20 @@ class ShapesMultilabelDataModule(XAuditDataModule):
 
     ``multilabel = True`` tells ``train.py`` to build the classifier with ``multilabel=True``
     (sigmoid outputs, binary cross-entropy, multi-label accuracy and mAP).
+
+    Args:
+        num_classes: number of shape classes; each shape in an image has its own class.
+        image_size: side of the square images in px.
+        n_train: training images.
+        n_val: validation images.
+        n_test: test images.
+        min_objects: fewest shapes per image (≥1).
+        max_objects: most shapes per image (≤ ``num_classes``).
+        noise: standard deviation of the pixel noise added to every image.
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`).
+        seed: seeds the generated data or the validation holdout, and the DDP training sampler.
     """
 
     has_masks = True

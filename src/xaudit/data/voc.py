@@ -67,7 +67,23 @@ def largest_object(objects: list[tuple[int, tuple[float, float, float, float]]])
 
 
 class VOCDataModule(FileDataModule):
-    """Pascal VOC images labelled by their largest object, with that object's mask (``has_masks``)."""
+    """Pascal VOC images labelled by their largest object, with that object's mask (``has_masks``).
+
+    Args:
+        data_dir: the folder holding ``VOCdevkit/VOC<year>/`` (no download).
+        year: ``"2007"`` or ``"2012"``.
+        masks: ``boxes`` (the label class's boxes) or ``segmentation`` (its SegmentationClass pixels;
+            the segmentation subset only).
+        label: ``largest``: the class of the largest object.
+        image_size: side of the square network input (shorter side resized, centre crop).
+        mean: per-channel normalisation mean (ImageNet's by default).
+        std: per-channel normalisation standard deviation.
+        augment: random horizontal flip of the training images.
+        batch_size: training batch size (per process).
+        eval_batch_size: validation/test/predict batch size (None: ``batch_size``).
+        num_workers: DataLoader worker processes, or ``"auto"`` (:func:`auto_num_workers`).
+        seed: seeds the generated data or the validation holdout, and the DDP training sampler.
+    """
 
     has_masks = True
 

@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xaudit.explainers.base import check_positive_int, expected_channels, explain_mode
+from xaudit.explainers.base import expected_channels, explain_mode
 from xaudit.explainers.hooks import record_output, resolve_layer
 from xaudit.explainers.influence import check_units
 from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.validation import positive_int
 
 PARAMETERIZATIONS: tuple[str, ...] = ("fourier", "pixel")
 # Lucid's square root of the ImageNet colour correlation matrix (columns: decorrelated channels)
@@ -154,7 +155,7 @@ def maximize_activation(model: nn.Module, target: int | Sequence[int] | None = N
         raise ConfigError("pass either target=<class index> (a logit) or layer=<dotted name> with unit=<channel>.")
     if layer is not None and unit is None:
         raise ConfigError(f"layer={layer!r} needs unit=<channel index> (which channel to maximise).")
-    steps = check_positive_int("steps", steps)
+    steps = positive_int(steps, "steps")
     if not float(lr) > 0:
         raise ConfigError(f"lr must be >0; got {lr}.")
     info = _data_info(model)

@@ -152,7 +152,12 @@ def _grid(n: int, size: tuple[int, int]) -> tuple[int, int]:
 
 
 class AttentionExplainer(Explainer):
-    """Shared part: which attention modules to read, and relevance matrix → upsampled patch map."""
+    """Shared part: which attention modules to read, and relevance matrix → upsampled patch map.
+
+    Args:
+        model: a vision transformer with timm attention blocks.
+        blocks: dotted names of the attention modules; None: every timm Attention module.
+    """
 
     def __init__(self, model: nn.Module, blocks: Sequence[str] | None = None) -> None:
         super().__init__(model)
@@ -193,6 +198,12 @@ class AttentionRollout(AttentionExplainer):
     token's row over the patch tokens, on the patch grid, upsampled bilinearly; values are the raw
     rollout weights (not rescaled). Class-agnostic: ``target`` is accepted and ignored.
     ``blocks``: dotted names of the attention modules (default: every timm Attention module).
+
+    Args:
+        model: a vision transformer with timm attention blocks.
+        head_fusion: how heads are fused per block: ``mean`` | ``max`` | ``min``.
+        discard_ratio: share in [0, 1) of the lowest fused attention entries set to 0.
+        blocks: dotted names of the attention modules; None: every timm Attention module.
     """
 
     def __init__(self, model: nn.Module, head_fusion: str = "mean", discard_ratio: float = 0.0,

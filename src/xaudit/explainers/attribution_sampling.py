@@ -41,13 +41,13 @@ from xaudit.explainers.base import (
     ExplainerInputError,
     Target,
     TargetLike,
-    check_positive_int,
 )
 from xaudit.explainers.baselines import image_seeds
 from xaudit.explainers.fills import FillLike, check_fill, make_fill
 from xaudit.explainers.registry import register
 from xaudit.explainers.segmentation import SEGMENTATIONS, check_feature_mask, relabel, segment
 from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.validation import positive_int
 
 FEATURES: tuple[str, ...] = ("grid", "superpixels")
 
@@ -98,6 +98,15 @@ class FeatureMaskExplainer(Explainer):
     (``segmentation`` "slic" / "quickshift" / "grid" with ``n_segments``, ``compactness``), or an
     integer label map [B,H,W] / [H,W]. ``attribute(..., feature_mask=...)`` overrides it per call.
     Returns [B,H,W]: a feature's value on each of its pixels (channels are perturbed together).
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        features: ``grid``, ``superpixels``, or an integer label map [B,H,W] / [H,W].
+        cell: grid cell in px (must divide H and W).
+        segmentation: superpixels for ``features="superpixels"``: ``slic`` | ``quickshift`` | ``grid``.
+        n_segments: target number of superpixels.
+        compactness: SLIC's colour-vs-position weight.
+        internal_batch_size: perturbed images per forward.
     """
 
     signed = True  # a feature's effect on the score: evidence for (+) or against (−)
@@ -111,15 +120,15 @@ class FeatureMaskExplainer(Explainer):
         elif not isinstance(features, str) or features not in FEATURES:
             raise unknown_choice("features", features, FEATURES)
         self.features = features
-        self.cell = check_positive_int("cell", cell)
+        self.cell = positive_int(cell, "cell")
         if segmentation not in SEGMENTATIONS:
             raise unknown_choice("segmentation", segmentation, SEGMENTATIONS)
         self.segmentation = segmentation
-        self.n_segments = check_positive_int("n_segments", n_segments)
+        self.n_segments = positive_int(n_segments, "n_segments")
         if float(compactness) < 0:
             raise ConfigError(f"compactness must be ≥0; got {compactness}.")
         self.compactness = float(compactness)
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self._feature_mask: Tensor | None = None
 
     def attribute(self, x: Tensor, target: TargetLike = "predicted", reduce: str | None = AUTO, *,
@@ -193,6 +202,17 @@ class FeatureAblation(FeatureMaskExplainer):
     Fergus, 2014): each feature in turn is replaced by ``baseline`` ("zero", "mean", "gray",
     "blur", a number or a tensor) and credited with the drop f(x) − f(x with it ablated) of the
     target logit. One forward per feature per image, ``internal_batch_size`` images per forward.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        features: ``grid``, ``superpixels``, or an integer label map [B,H,W] / [H,W].
+        cell: grid cell in px (must divide H and W).
+        baseline: replacement: a fill (``zero``, ``mean``, ``gray``, ``blur``, ``rise_blur``), a number or a tensor.
+        blur_sigma: σ of a ``blur`` baseline in px (None: its default for the image size).
+        segmentation: superpixels for ``features="superpixels"``: ``slic`` | ``quickshift`` | ``grid``.
+        n_segments: target number of superpixels.
+        compactness: SLIC's colour-vs-position weight.
+        internal_batch_size: perturbed images per forward.
     """
 
     def __init__(self, model: nn.Module, features: str | Tensor = "grid", cell: int = 8,
@@ -221,6 +241,16 @@ class FeaturePermutation(FeatureMaskExplainer):
     One ``torch.randperm(B)`` per feature in feature order from a CPU generator seeded by ``seed``:
     Captum's draws after ``torch.manual_seed(seed)``. The map of an image depends on the other
     images of the batch (that is the method); a single image gets zeros, with a warning.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        features: ``grid``, ``superpixels``, or an integer label map [B,H,W] / [H,W].
+        cell: grid cell in px (must divide H and W).
+        seed: seeds the permutations (a CPU generator).
+        segmentation: superpixels for ``features="superpixels"``: ``slic`` | ``quickshift`` | ``grid``.
+        n_segments: target number of superpixels.
+        compactness: SLIC's colour-vs-position weight.
+        internal_batch_size: perturbed images per forward.
     """
 
     def __init__(self, model: nn.Module, features: str | Tensor = "grid", cell: int = 8, seed: int = 0,
@@ -267,6 +297,19 @@ class ShapleyValueSampling(FeatureMaskExplainer):
     feature game; their sum is exactly f(x) − f(baseline) for every order. The orders of an image
     are ``n_samples`` draws of ``torch.randperm(M_i)`` from a generator seeded by that image's seed
     (module docstring). n·(M_i − 1) + 2 forwards per image (f(x) once, not once per order).
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        n_samples: random feature orders per image.
+        features: ``grid``, ``superpixels``, or an integer label map [B,H,W] / [H,W].
+        cell: grid cell in px (must divide H and W).
+        baseline: replacement: a fill (``zero``, ``mean``, ``gray``, ``blur``, ``rise_blur``), a number or a tensor.
+        blur_sigma: σ of a ``blur`` baseline in px (None: its default for the image size).
+        seed: seeds the orders (one derived seed per image).
+        segmentation: superpixels for ``features="superpixels"``: ``slic`` | ``quickshift`` | ``grid``.
+        n_segments: target number of superpixels.
+        compactness: SLIC's colour-vs-position weight.
+        internal_batch_size: perturbed images per forward.
     """
 
     def __init__(self, model: nn.Module, n_samples: int = 25, features: str | Tensor = "grid", cell: int = 8,
@@ -274,7 +317,7 @@ class ShapleyValueSampling(FeatureMaskExplainer):
                  segmentation: str = "slic", n_segments: int = 50, compactness: float = 1.0,
                  internal_batch_size: int = 256) -> None:
         super().__init__(model, features, cell, segmentation, n_segments, compactness, internal_batch_size)
-        self.n_samples = check_positive_int("n_samples", n_samples)
+        self.n_samples = positive_int(n_samples, "n_samples")
         self.baseline = check_fill(baseline, "baseline")
         self.blur_sigma = blur_sigma
         self.seed = int(seed)
@@ -340,6 +383,15 @@ class GradientShap(Explainer):
     broadcastable to x [C,H,W]. Per-channel maps [B,C,H,W]; their sum approximates
     E[f(x)] − E[f(x')] (completeness in expectation), so the default reduction sums channels, as
     integrated gradients. ``internal_batch_size`` points per forward + backward.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        n_samples: draws (x', α, noise) per image.
+        stdevs: standard deviation of the Gaussian input noise (0: none).
+        baselines: a distribution [N,C,H,W], or one reference per image: a fill name, a number or a tensor.
+        blur_sigma: σ of a ``blur`` baseline in px (None: its default for the image size).
+        seed: seeds the draws (one derived seed per image, see the module docstring).
+        internal_batch_size: points per forward + backward.
     """
 
     default_reduce = "sum"
@@ -348,14 +400,14 @@ class GradientShap(Explainer):
     def __init__(self, model: nn.Module, n_samples: int = 5, stdevs: float = 0.0, baselines: FillLike = "zero",
                  blur_sigma: float | None = None, seed: int = 0, internal_batch_size: int = 64) -> None:
         super().__init__(model)
-        self.n_samples = check_positive_int("n_samples", n_samples)
+        self.n_samples = positive_int(n_samples, "n_samples")
         if isinstance(stdevs, bool) or not isinstance(stdevs, numbers.Real) or not float(stdevs) >= 0:
             raise ConfigError(f"stdevs (the input noise's standard deviation) must be a number ≥0; got {stdevs!r}.")
         self.stdevs = float(stdevs)
         self.baselines = check_fill(baselines, "baselines")
         self.blur_sigma = blur_sigma
         self.seed = int(seed)
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def distribution(self, x: Tensor) -> tuple[Tensor, bool]:
         """The baselines as [N,C,H,W] and whether they are shared by the batch (else N = B, one per image)."""

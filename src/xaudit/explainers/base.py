@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.errors import unknown_choice
+from xaudit.utils.validation import positive_int
 
 # How a per-channel attribution [B,C,H,W] becomes one map [B,H,W].
 REDUCTIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -225,7 +226,8 @@ class Target:
         """Class index per sample, checked against the number of classes in ``logits`` [B,K]."""
         if self._indices is None:
             if logits.shape[0] != self.batch:
-                raise ExplainerInputError(f"internal: 'predicted' resolved on {logits.shape[0]} rows, not {self.batch}.")
+                raise ExplainerInputError(
+                    f"internal: 'predicted' resolved on {logits.shape[0]} rows, not {self.batch}.")
             self._indices = logits.detach().argmax(1)
         idx = self._indices
         if bool((idx >= logits.shape[1]).any()):
@@ -397,7 +399,5 @@ def minmax_normalize(maps: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    """``value`` as an int ≥ ``minimum``, or a ConfigError naming the option."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise ConfigError(f"{name} must be an integer ≥{minimum}; got {value!r}.")
-    return int(value)
+    """Alias of :func:`xaudit.utils.validation.positive_int` (note its order: ``value, key, minimum``)."""
+    return positive_int(value, name, minimum)

@@ -26,7 +26,6 @@ from xaudit.explainers.base import (
     Explainer,
     Target,
     UnsupportedModelError,
-    check_positive_int,
     minmax_normalize,
 )
 from xaudit.explainers.base import upsample as upsample_maps
@@ -35,11 +34,23 @@ from xaudit.explainers.hooks import record_output, resolve_layer
 from xaudit.explainers.registry import register
 from xaudit.explainers.tokens import check_reshape_options, feature_map_layout
 from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.validation import positive_int
 
 
 class LayerActivations:
     """What a weighting sees: input, activations A, ∂y/∂A (None without gradients), logits, targets,
-    the layer's dotted name and its raw output (before the token/channels-last reshape)."""
+    the layer's dotted name and its raw output (before the token/channels-last reshape).
+
+    Args:
+        x: the explained input [B,C,H,W].
+        acts: activations A [B,K,h,w] (after the token/channels-last reshape).
+        grads: ∂y/∂A [B,K,h,w], or None for gradient-free methods.
+        logits: the model's logits [B, num_classes] (detached).
+        target: the explained class per sample, long [B].
+        layer: the layer's dotted name.
+        raw: the layer's raw output; None: ``acts``.
+        channel_dim: the channel dimension of ``raw`` (-1 for tokens / channels-last).
+    """
 
     def __init__(self, x: Tensor, acts: Tensor, grads: Tensor | None, logits: Tensor, target: Tensor,
                  layer: str = "", raw: Tensor | None = None, channel_dim: int = 1) -> None:
@@ -123,7 +134,22 @@ class CAMExplainer(Explainer):
     Transformer layers: ``reshape`` (``auto`` | ``tokens`` | ``channels_last`` | ``none``) says how
     the layer output becomes [B,K,h,w]; ``prefix_tokens`` (class/distillation/register tokens
     before the patch tokens) and ``grid`` ([h, w] of the patch tokens) override what ``auto``
-    reads from the model (see :func:`xaudit.explainers.tokens.feature_map_layout`)."""
+    reads from the model (see :func:`xaudit.explainers.tokens.feature_map_layout`).
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        target_layer: dotted module name, or a list of names (fused); None: the backbone's
+            ``default_target_layer``.
+        relu: clip negative evidence; None: the method's default (``default_relu``).
+        normalize: scale each map to [0,1].
+        reshape: how the layer output becomes [B,K,h,w]: ``auto`` | ``tokens`` | ``channels_last`` | ``none``.
+        prefix_tokens: tokens before the patch tokens (class/distillation/register); None: read from the model.
+        grid: [h, w] of the patch tokens; None: read from the model.
+        aug_smooth: average over 6 test-time augmentations (flip × intensity).
+        eigen_smooth: project the weighted activations on their first principal component.
+        eigen_sign: the component's sign: ``positive`` (oriented by the channel sum) or ``numpy``
+            (pytorch-grad-cam's).
+    """
 
     needs_gradients: ClassVar[bool] = True
     default_relu: ClassVar[bool] = True
@@ -300,7 +326,13 @@ class GradCAMPlusPlus(CAMExplainer):
 
 class ForwardCAM(CAMExplainer):
     """Base of the gradient-free CAMs whose channel weights come from forwards of perturbed copies
-    (Score-CAM, Ablation-CAM): ``internal_batch_size`` copies per forward (default per class)."""
+    (Score-CAM, Ablation-CAM): ``internal_batch_size`` copies per forward (default per class).
+
+    Args:
+        internal_batch_size: perturbed copies per forward; None: the class's
+            ``default_internal_batch_size``.
+        **others: as :class:`CAMExplainer`.
+    """
 
     needs_gradients = False
     default_internal_batch_size: ClassVar[int] = 256
@@ -312,7 +344,7 @@ class ForwardCAM(CAMExplainer):
         super().__init__(model, target_layer, relu, normalize, reshape, prefix_tokens, grid,
                          aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, eigen_sign=eigen_sign)
         ibs = self.default_internal_batch_size if internal_batch_size is None else internal_batch_size
-        self.internal_batch_size = check_positive_int("internal_batch_size", ibs)
+        self.internal_batch_size = positive_int(ibs, "internal_batch_size")
 
 
 @register("score_cam")
@@ -359,7 +391,12 @@ class ScoreCAM(ForwardCAM):
 class FeatureMaps(CAMExplainer):
     """Feature-map visualisation (Zeiler & Fergus, 2014; Yosinski et al., 2015): one channel of
     ``target_layer``, upsampled. ``channel`` picks it; None takes each image's most active
-    channel (largest spatial mean). Independent of the target class."""
+    channel (largest spatial mean). Independent of the target class.
+
+    Args:
+        channel: the channel shown; None: each image's most active one.
+        **others: as :class:`CAMExplainer`.
+    """
 
     needs_gradients = False
     default_relu = False
@@ -370,7 +407,7 @@ class FeatureMaps(CAMExplainer):
                  *, aug_smooth: bool = False, eigen_smooth: bool = False, eigen_sign: str = "positive") -> None:
         super().__init__(model, target_layer, relu, normalize, reshape, prefix_tokens, grid,
                          aug_smooth=aug_smooth, eigen_smooth=eigen_smooth, eigen_sign=eigen_sign)
-        self.channel = None if channel is None else check_positive_int("channel", channel, minimum=0)
+        self.channel = None if channel is None else positive_int(channel, "channel", minimum=0)
 
     def channel_weights(self, a: LayerActivations) -> Tensor:
         b, k = a.acts.shape[:2]
@@ -488,8 +525,9 @@ class AblationCAM(ForwardCAM):
     values; here every copy uses min − 1e7.) The ablated activations replace the layer's output —
     the layer itself does not run — in batches of ``internal_batch_size`` (image, channel) copies,
     all images together, plus one unablated copy of each image in the batch: y − y_k is taken
-    within one forward (pytorch-grad-cam takes y from a separate one; same value up to rounding). A channel already equal to the ablation value everywhere (a dead ReLU
-    channel) cannot change the logits: it is not forwarded and gets weight 0 (its A_k is 0 anyway).
+    within one forward (pytorch-grad-cam takes y from a separate one; same value up to rounding). A channel already
+    equal to the ablation value everywhere (a dead ReLU channel) cannot change the logits: it is not forwarded and
+    gets weight 0 (its A_k is 0 anyway).
     """
 
     default_internal_batch_size = 128
@@ -556,7 +594,17 @@ class FullGrad(CAMExplainer):
     used); one forward and one backward give every term, and the per-channel maps are summed at
     each layer's resolution and upsampled once (bilinear upsampling is linear, so this equals
     pytorch-grad-cam's upsample-then-sum). ``eigen_smooth``: the terms' first principal component
-    (the C input-channel maps and one map per layer) at 1/8 resolution, as there. Raw maps are a sum of [0,1] terms; ``normalize`` scales to [0,1].
+    (the C input-channel maps and one map per layer) at 1/8 resolution, as there. Raw maps are a sum of [0,1] terms;
+    ``normalize`` scales to [0,1].
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        target_layer: ignored (every bias layer is used); accepted so configs can share options.
+        relu: clip negative values; None: the class default.
+        normalize: scale each map to [0,1].
+        aug_smooth: average over 6 test-time augmentations (flip × intensity).
+        eigen_smooth: first principal component of the terms instead of their sum.
+        eigen_sign: the component's sign: ``positive`` or ``numpy`` (pytorch-grad-cam's).
     """
 
     def __init__(self, model: nn.Module, target_layer: str | Sequence[str] | None = None,

@@ -13,19 +13,17 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from xaudit.explainers.base import Explainer, Target, check_positive_int
-from xaudit.explainers.fills import FillLike, check_fill, make_fill
+from xaudit.explainers.base import Explainer, Target
 from xaudit.explainers.registry import register
+from xaudit.explainers.rerouting import RELU_IN_PLACE, RELU_OUT_OF_PLACE
+from xaudit.ops.fills import FillLike, check_fill, make_fill
 from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.validation import positive_int
 
 # -- modified ReLU backward (guided backprop / deconvnet) -------------------------------------
-
-_RELU_OUT_OF_PLACE = {F.relu, torch.relu, Tensor.relu}
-_RELU_IN_PLACE = {F.relu_, torch.relu_, Tensor.relu_}
 
 
 class _ModifiedReLU(torch.autograd.Function):
@@ -60,9 +58,9 @@ class _ReLUBackwardOverride(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _RELU_OUT_OF_PLACE or func in _RELU_IN_PLACE:
+        if func in RELU_OUT_OF_PLACE or func in RELU_IN_PLACE:
             x = args[0] if args else kwargs["input"]
-            inplace = func in _RELU_IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
+            inplace = func in RELU_IN_PLACE or bool(kwargs.get("inplace", args[1] if len(args) > 1 else False))
             # an in-place op on a leaf that requires grad is illegal; such a ReLU gets a new tensor
             inplace = inplace and not (x.is_leaf and x.requires_grad)
             return _ModifiedReLU.apply(x, self.deconv, inplace)
@@ -200,12 +198,12 @@ class IntegratedGradients(GradientExplainer):
                  baseline: FillLike = "zero", blur_sigma: float | None = None,
                  internal_batch_size: int = 64) -> None:
         super().__init__(model)
-        self.steps = check_positive_int("steps", steps)
+        self.steps = positive_int(steps, "steps")
         self.alphas, self.weights = riemann_alphas(self.steps, method)
         self.method = method
         self.baseline = check_fill(baseline, "baseline")
         self.blur_sigma = blur_sigma
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def _attribute(self, x: Tensor, target: Target) -> Tensor:
         target.resolve(self._logits, x)

@@ -18,7 +18,7 @@ example itself): Σ_{j ∈ top-k} χ_j(x) · ∂(Σ_{h,w} z_j)/∂x ⊙ x.
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -29,12 +29,13 @@ from xaudit.explainers.base import (
     ExplainerInputError,
     Target,
     check_input,
-    check_positive_int,
     explain_mode,
 )
+from xaudit.explainers.fit_data import iter_images
 from xaudit.explainers.hooks import record_output, resolve_layer
 from xaudit.explainers.registry import register
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import positive_int
 
 DataLike = Tensor | Mapping[str, Tensor] | Iterable[Mapping[str, Tensor] | Tensor]
 
@@ -108,36 +109,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _iter_images(data: DataLike, of_class: int | None) -> Iterator[Tensor]:
-    """Image batches [b,C,H,W] of the distribution of interest, filtered to ``of_class``."""
-    if isinstance(data, Tensor | Mapping):
-        data = [data]
-    for item in data:
-        if isinstance(item, Tensor):
-            if of_class is not None:
-                raise ConfigError("of_class needs labels: pass batch dicts with 'image' and 'label' "
-                                  "(a dataloader of the datamodule), not bare image tensors.")
-            images = item
-        elif isinstance(item, Mapping):
-            if "image" not in item:
-                raise ConfigError(f"a batch dict of the distribution of interest needs an 'image' key; "
-                                  f"got keys {sorted(item)}.")
-            images = item["image"]
-            if of_class is not None:
-                if "label" not in item:
-                    raise ConfigError("of_class needs a 'label' entry in every batch dict.")
-                labels = torch.as_tensor(item["label"]).reshape(-1)
-                keep = (labels == of_class).to(images.device)
-                images = images[keep] if images.ndim == 4 else images[None][keep]
-        else:
-            raise ConfigError(f"the distribution of interest must be an image tensor [N,C,H,W], a batch dict, or "
-                              f"an iterable (dataloader) of batch dicts; got an item of type {type(item).__name__}.")
-        if images.ndim == 3:
-            images = images[None]
-        if images.shape[0]:
-            yield images
-
-
 class InfluenceDirected:
     """Distributional influence of the units of ``layer`` (Leino et al., 2018).
 
@@ -173,12 +144,14 @@ class InfluenceDirected:
     def influence(self, data: DataLike, of_class: int | None = None, top_k: int = 5) -> InfluenceResult:
         """χ over the distribution of interest ``data`` (a batch [N,C,H,W], a batch dict, or an iterable
         of batch dicts such as a dataloader; ``of_class`` keeps only examples of that label)."""
-        top_k = check_positive_int("top_k", top_k)
+        top_k = positive_int(top_k, "top_k")
         device = _model_device(self.model)
         total: Tensor | None = None
         n = 0
         with explain_mode(self.model):
-            for images in _iter_images(data, of_class):
+            # a tensor or one batch dict is the whole distribution, read as one batch
+            batches = [data] if isinstance(data, Tensor | Mapping) else data
+            for images in iter_images(batches, of_class=of_class):
                 _, grads = self._layer_grads(images.to(device))
                 s = grads.double().sum(0)
                 total = s if total is None else total + s
@@ -233,7 +206,7 @@ class InternalInfluence(Explainer):
                  versus: int | None = None, multiply_by_input: bool = True) -> None:
         super().__init__(model)
         self.target_layer = resolve_layer(model, target_layer)
-        self.top_k = None if top_k is None else check_positive_int("top_k", top_k)
+        self.top_k = None if top_k is None else positive_int(top_k, "top_k")
         self.versus = _check_versus(versus)
         self.multiply_by_input = bool(multiply_by_input)
 

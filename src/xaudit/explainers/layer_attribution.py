@@ -53,7 +53,6 @@ from xaudit.explainers.base import (
     TargetLike,
     UnsupportedModelError,
     check_input,
-    check_positive_int,
     compute_dtype,
     explain_mode,
     upsample,
@@ -63,6 +62,7 @@ from xaudit.explainers.gradient import riemann_alphas
 from xaudit.explainers.hooks import resolve_layer
 from xaudit.explainers.registry import register
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import positive_int
 
 NeuronLike = Sequence[int] | int | None
 
@@ -185,12 +185,12 @@ class _PathMixin:
 
     def _init_path(self, steps: int, method: str, baseline: FillLike, blur_sigma: float | None,
                    internal_batch_size: int, points: int = 0) -> None:
-        self.steps = check_positive_int("steps", steps)
+        self.steps = positive_int(steps, "steps")
         self.alphas, self.weights = riemann_alphas(self.steps + points, method)
         self.method = method
         self.baseline = check_fill(baseline, "baseline")
         self.blur_sigma = blur_sigma
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def baseline_for(self, x: Tensor) -> Tensor:
         """The baseline image x' used for ``x``."""
@@ -223,6 +223,16 @@ class LayerIntegratedGradients(LayerAttributionExplainer, _PathMixin):
     The layer's output is replaced along the straight path from A' (activations of the baseline
     image, ``baseline`` as in ``integrated_gradients``) to A, Riemann ``method`` with ``steps``
     points; attribution (A − A') · Σ_k w_k ∂y/∂A. Σ over all units ≈ f(x) − f(x').
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        target_layer: dotted module name; None: the backbone's ``default_target_layer``.
+        steps: path points.
+        method: Riemann rule: ``riemann_left`` | ``riemann_right`` | ``riemann_middle`` | ``riemann_trapezoid``.
+        baseline: the reference image x': a fill (``zero``, ``mean``, ``gray``, ``blur``, ``rise_blur``), a number or a
+            tensor.
+        blur_sigma: σ of a ``blur`` baseline in px (None: its default for the image size).
+        internal_batch_size: path points per forward + backward.
     """
 
     def __init__(self, model: nn.Module, target_layer: str | None = None, steps: int = 50,
@@ -262,6 +272,16 @@ class LayerConductance(LayerAttributionExplainer, _PathMixin):
     Σ_k ∂y/∂A(x_k) · (A(x_{k+1}) − A(x_k)) over ``steps + 1`` points x_k = x' + α_k (x − x') of
     ``method`` — Captum's ``LayerConductance`` discretisation. The default ``riemann_trapezoid``
     puts the points from x' to x, so Σ over units ≈ f(x) − f(x').
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        target_layer: dotted module name; None: the backbone's ``default_target_layer``.
+        steps: path points.
+        method: Riemann rule: ``riemann_left`` | ``riemann_right`` | ``riemann_middle`` | ``riemann_trapezoid``.
+        baseline: the reference image x': a fill (``zero``, ``mean``, ``gray``, ``blur``, ``rise_blur``), a number or a
+            tensor.
+        blur_sigma: σ of a ``blur`` baseline in px (None: its default for the image size).
+        internal_batch_size: path points per forward + backward.
     """
 
     def __init__(self, model: nn.Module, target_layer: str | None = None, steps: int = 50,
@@ -299,7 +319,12 @@ class LayerConductance(LayerAttributionExplainer, _PathMixin):
 class LayerGradientXActivation(LayerAttributionExplainer):
     """Layer gradient × activation: ∂y/∂A · A for ``target_layer`` (Captum's
     ``LayerGradientXActivation``; the layer analogue of gradient × input, Shrikumar et al., 2016).
-    One forward and one backward down to the layer."""
+    One forward and one backward down to the layer.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        target_layer: dotted module name; None: the backbone's ``default_target_layer``.
+    """
 
     def __init__(self, model: nn.Module, target_layer: str | None = None) -> None:
         super().__init__(model, target_layer)
@@ -316,7 +341,13 @@ class LayerGradientXActivation(LayerAttributionExplainer):
 
 
 class NeuronExplainer(_LayerBase):
-    """Base of the neuron methods: one unit of ``target_layer`` (``neuron``) explained w.r.t. the input."""
+    """Base of the neuron methods: one unit of ``target_layer`` (``neuron``) explained w.r.t. the input.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        target_layer: dotted module name; None: the backbone's ``default_target_layer``.
+        neuron: the unit, e.g. ``(channel, y, x)``; None: each image's most active unit.
+    """
 
     default_reduce: str | None = "max_abs"
 
@@ -371,7 +402,19 @@ class NeuronGradient(NeuronExplainer):
 class NeuronIntegratedGradients(NeuronExplainer, _PathMixin):
     """Integrated gradients (Sundararajan et al., 2017) of one unit A_u w.r.t. the input (Captum's
     ``NeuronIntegratedGradients``): (x − x') · Σ_k w_k ∂A_u/∂x(x' + α_k (x − x')). Each path
-    forward stops at ``target_layer``. ``reduce="auto"`` sums channels (Σ ≈ A_u(x) − A_u(x'))."""
+    forward stops at ``target_layer``. ``reduce="auto"`` sums channels (Σ ≈ A_u(x) − A_u(x')).
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        target_layer: dotted module name; None: the backbone's ``default_target_layer``.
+        neuron: the unit, e.g. ``(channel, y, x)``; None: each image's most active unit.
+        steps: path points.
+        method: Riemann rule: ``riemann_left`` | ``riemann_right`` | ``riemann_middle`` | ``riemann_trapezoid``.
+        baseline: the reference image x': a fill (``zero``, ``mean``, ``gray``, ``blur``, ``rise_blur``), a number or a
+            tensor.
+        blur_sigma: σ of a ``blur`` baseline in px (None: its default for the image size).
+        internal_batch_size: path points per forward + backward.
+    """
 
     default_reduce = "sum"
     signed = True

@@ -40,13 +40,12 @@ from xaudit.explainers.canonizers import (
     identity_forward,
     resnet_block_forward,
 )
-from xaudit.explainers.gradient import _RELU_IN_PLACE, _RELU_OUT_OF_PLACE
+from xaudit.explainers.fit_data import iter_images
 from xaudit.explainers.registry import register
-from xaudit.explainers.relevance.core import iter_images, reroute
+from xaudit.explainers.rerouting import RELU_FUNCS, reroute
 from xaudit.utils.errors import ConfigError, unknown_choice
 
 ESTIMATORS: tuple[str, ...] = ("auto", "relu", "linear")
-_RELU_FUNCS = _RELU_OUT_OF_PLACE | _RELU_IN_PLACE
 
 
 class PatternsNotFittedError(RuntimeError):
@@ -180,7 +179,7 @@ class _ReluWatch(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
-        if func in _RELU_FUNCS:
+        if func in RELU_FUNCS:
             x = args[0] if args else kwargs.get("input")
             hit = self.outputs.get(id(x))
             if hit is not None and hit[1] is x:

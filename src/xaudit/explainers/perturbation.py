@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xaudit.explainers.base import Explainer, Target, check_positive_int
+from xaudit.explainers.base import Explainer, Target
 from xaudit.explainers.fills import FillLike, check_fill, make_fill
 from xaudit.explainers.registry import register
 from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.validation import positive_int
 
 
 def _pair(name: str, v: int | tuple[int, int]) -> tuple[int, int]:
@@ -19,7 +20,7 @@ def _pair(name: str, v: int | tuple[int, int]) -> tuple[int, int]:
         v = (int(v), int(v))
     if not (isinstance(v, tuple | list) and len(v) == 2):
         raise ConfigError(f"{name} must be an int or a pair of ints; got {v!r}.")
-    return check_positive_int(name, v[0]), check_positive_int(name, v[1])
+    return positive_int(v[0], name), positive_int(v[1], name)
 
 
 def _window_indicators(size: int, window: int, stride: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -39,6 +40,14 @@ class Occlusion(Explainer):
     replace it by ``fill`` ("zero", "gray", "mean", "blur", a number or a tensor) in every
     channel, and credit each pixel with the mean drop of the target logit over the windows that
     cover it. Windows are batched: ``internal_batch_size`` images per forward.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        window: occluded patch size in px, an int or (height, width).
+        stride: step between windows; None: half the window (at most the window).
+        fill: what replaces the window: ``zero`` | ``gray`` | ``mean`` | ``blur`` | ``rise_blur``, a number or a tensor.
+        blur_sigma: σ of the ``blur`` fill in px (None: its default for the image size).
+        internal_batch_size: occluded images per forward.
     """
 
     signed = True
@@ -54,7 +63,7 @@ class Occlusion(Explainer):
             raise ConfigError(f"stride {self.stride} larger than window {self.window} would leave pixels unoccluded.")
         self.fill = check_fill(fill, "fill")
         self.blur_sigma = blur_sigma
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def _attribute(self, x: Tensor, target: Target) -> Tensor:
         b, _, h, w = x.shape
@@ -90,13 +99,22 @@ class RISE(Explainer):
     score the softmax probability (``score="prob"``) or logit of the target. Masks come from a
     local generator seeded by ``seed`` and are shared by the batch, so each image's map is
     independent of the others. ``internal_batch_size`` images per forward.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        n_masks: number of random masks N.
+        cell_size: grid cell in px; None: ceil(max(H, W) / 7) (the paper's 7×7 grid).
+        p: probability that a cell is kept.
+        score: ``prob`` (softmax probability, the paper's) or ``logit``.
+        seed: seeds the masks (a local generator).
+        internal_batch_size: masked images per forward.
     """
 
     def __init__(self, model: nn.Module, n_masks: int = 1000, cell_size: int | None = None, p: float = 0.5,
                  score: str = "prob", seed: int = 0, internal_batch_size: int = 256) -> None:
         super().__init__(model)
-        self.n_masks = check_positive_int("n_masks", n_masks)
-        self.cell_size = None if cell_size is None else check_positive_int("cell_size", cell_size)
+        self.n_masks = positive_int(n_masks, "n_masks")
+        self.cell_size = None if cell_size is None else positive_int(cell_size, "cell_size")
         if not 0.0 < float(p) <= 1.0:
             raise ConfigError(f"p (keep probability) must be in (0, 1]; got {p}.")
         self.p = float(p)
@@ -104,7 +122,7 @@ class RISE(Explainer):
             raise unknown_choice("rise score", score, ("prob", "logit"))
         self.score = score
         self.seed = int(seed)
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def masks(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> Tensor:
         """The ``n_masks`` masks [N,H,W] for an H×W image (same seed → same masks)."""

@@ -8,36 +8,28 @@ from typing import Any, TypeVar
 from torch import nn
 
 from xaudit.explainers.base import Explainer
-from xaudit.utils.errors import ConfigError, check_options, unknown_choice
+from xaudit.utils.errors import check_options
+from xaudit.utils.registry import Registry
 
 E = TypeVar("E", bound=type[Explainer])
 
-_REGISTRY: dict[str, type[Explainer]] = {}
+EXPLAINERS: Registry[type[Explainer]] = Registry("explainer", key="explainer.name")
+_REGISTRY: dict[str, type[Explainer]] = EXPLAINERS.items  # the mapping itself (tests pop temporary entries)
 
 
 def register(name: str) -> Callable[[E], E]:
     """Class decorator: make an :class:`Explainer` subclass available as ``create(name, ...)``."""
-
-    def deco(cls: E) -> E:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ConfigError(f"explainer name {name!r} is already registered by {_REGISTRY[name].__name__}.")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
+    return EXPLAINERS.register(name)  # type: ignore[return-value]
 
 
 def names() -> list[str]:
     """Every registered explainer name, sorted."""
-    return sorted(_REGISTRY)
+    return EXPLAINERS.names()
 
 
 def get(name: str) -> type[Explainer]:
     """The class registered as ``name``; an unknown name lists the choices."""
-    if name not in _REGISTRY:
-        raise unknown_choice("explainer", name, _REGISTRY, key="explainer.name")
-    return _REGISTRY[name]
+    return EXPLAINERS.get(name)
 
 
 def is_signed(name: str) -> bool:

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from xaudit.explainers.base import ExplainerInputError, check_positive_int
+from xaudit.explainers.base import ExplainerInputError
 from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.validation import positive_int
 
 SEGMENTATIONS: tuple[str, ...] = ("quickshift", "slic", "grid")
 #: the lime package's quick shift settings (``SegmentationAlgorithm('quickshift', kernel_size=4,
@@ -221,7 +222,7 @@ def segment(x: Tensor, method: str = "slic", n_segments: int = 50, compactness: 
     """
     if method not in SEGMENTATIONS:
         raise unknown_choice("segmentation", method, SEGMENTATIONS)
-    n_segments = check_positive_int("n_segments", n_segments)
+    n_segments = positive_int(n_segments, "n_segments")
     if x.ndim != 4:
         raise ExplainerInputError(f"segment expects images [B,C,H,W]; got shape {tuple(x.shape)}.")
     b, _, h, w = x.shape
@@ -232,7 +233,7 @@ def segment(x: Tensor, method: str = "slic", n_segments: int = 50, compactness: 
             return quickshift_segments(x, kernel_size, max_dist, ratio)
     if float(compactness) < 0:
         raise ConfigError(f"compactness must be ≥0; got {compactness}.")
-    iters = check_positive_int("iters", iters)
+    iters = positive_int(iters, "iters")
     with torch.no_grad():
         raw = torch.stack([_slic_one(x[i].detach(), n_segments, compactness, iters) for i in range(b)])
     return relabel(raw)[0]

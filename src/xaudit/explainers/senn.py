@@ -23,6 +23,9 @@ class SENNExplainer(Explainer):
     Works on any model whose logits are those of a :class:`SENN` inside it (the network itself, or
     a :class:`xaudit.models.Classifier` built with ``model=senn``); other models raise
     :class:`UnsupportedModelError`.
+
+    Args:
+        model: a SENN network, or a model holding one.
     """
 
     def __init__(self, model: nn.Module) -> None:

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from xaudit.explainers.base import Explainer, Target, check_positive_int
+from xaudit.explainers.base import Explainer, Target
 from xaudit.explainers.registry import create, register
 from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.validation import positive_int
 
 VARIANTS: tuple[str, ...] = ("sg", "sg2", "vargrad")
 #: base names that SmoothGrad resolves itself: "gradient" is the signed ∂y/∂x (saliency with
@@ -60,6 +61,16 @@ class SmoothGrad(Explainer):
 
     The noise comes from a local generator seeded by ``seed`` and one noise pattern (scaled per
     image) serves the whole batch, so each image's map does not depend on the rest of the batch.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        base: the explainer applied to each noisy copy: ``gradient`` (signed ∂y/∂x) or any registered name.
+        n: noisy copies per image.
+        sigma: noise standard deviation as a fraction of each image's value range.
+        variant: ``sg`` (mean), ``sg2`` (mean of squares) or ``vargrad`` (variance).
+        seed: seeds the noise (a local generator).
+        internal_batch_size: noisy copies per forward of the base.
+        **base_kwargs: options of the ``base`` explainer.
     """
 
     def __init__(self, model: nn.Module, base: str = "gradient", n: int = 25, sigma: float = 0.15,
@@ -67,7 +78,7 @@ class SmoothGrad(Explainer):
         super().__init__(model)
         self.base_name = base
         self.base = make_base(base, model, **base_kwargs)
-        self.n = check_positive_int("n", n)
+        self.n = positive_int(n, "n")
         if float(sigma) < 0:
             raise ConfigError(f"sigma must be ≥0 (a fraction of the input range); got {sigma}.")
         self.sigma = float(sigma)
@@ -75,7 +86,7 @@ class SmoothGrad(Explainer):
             raise unknown_choice("smoothgrad variant", variant, VARIANTS)
         self.variant = variant
         self.seed = int(seed)
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self.default_reduce = self.base.default_reduce
 
     def noise(self, x: Tensor) -> Tensor:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xaudit.explainers.base import AUTO, Explainer, Target, TargetLike, check_positive_int
+from xaudit.explainers.base import AUTO, Explainer, Target, TargetLike
 from xaudit.explainers.baselines import image_seeds
 from xaudit.explainers.fills import FILLS, FillLike, check_fill, make_fill
 from xaudit.explainers.registry import register
@@ -39,6 +39,7 @@ from xaudit.explainers.segmentation import (
     segment,
 )
 from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.validation import positive_int
 
 SCORES: tuple[str, ...] = ("logit", "prob")
 DISTANCES: tuple[str, ...] = ("interpretable", "input")
@@ -72,7 +73,24 @@ def check_baseline(baseline: FillLike) -> FillLike:
 
 class SuperpixelSurrogate(Explainer):
     """Shared machinery of LIME and KernelSHAP; subclasses say which binary vectors to sample
-    (:meth:`coalitions`) and how to fit them (:meth:`fit`)."""
+    (:meth:`coalitions`) and how to fit them (:meth:`fit`).
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        n_samples: perturbed samples per image (≥2).
+        segmentation: superpixels: ``quickshift`` | ``slic`` | ``grid`` (see :func:`xaudit.explainers.segment`).
+        n_segments: target number of superpixels (``slic``, ``grid``).
+        compactness: SLIC's colour-vs-position weight (1: one grid step against one standard deviation).
+        baseline: what a hidden superpixel shows: ``segment_mean`` (its own mean colour), a fill name
+            (``zero``, ``mean``, ``gray``, ``blur``, ``rise_blur``), a number or a tensor.
+        blur_sigma: σ of a ``blur`` baseline in px (None: its default for the image size).
+        score: the regressed output: ``logit`` or ``prob``.
+        seed: seeds the sampled coalitions, per image (a local generator).
+        internal_batch_size: perturbed images per forward.
+        kernel_size: quick shift's kernel size.
+        max_dist: quick shift's maximum distance.
+        ratio: quick shift's colour-vs-space ratio.
+    """
 
     def __init__(self, model: nn.Module, n_samples: int, segmentation: str = "slic", n_segments: int = 50,
                  compactness: float = 1.0, baseline: FillLike = "zero", blur_sigma: float | None = None,
@@ -80,11 +98,11 @@ class SuperpixelSurrogate(Explainer):
                  kernel_size: float = _QS["kernel_size"], max_dist: float = _QS["max_dist"],
                  ratio: float = _QS["ratio"]) -> None:
         super().__init__(model)
-        self.n_samples = check_positive_int("n_samples", n_samples, minimum=2)
+        self.n_samples = positive_int(n_samples, "n_samples", minimum=2)
         if segmentation not in SEGMENTATIONS:
             raise unknown_choice("segmentation", segmentation, SEGMENTATIONS)
         self.segmentation = segmentation
-        self.n_segments = check_positive_int("n_segments", n_segments, minimum=2)
+        self.n_segments = positive_int(n_segments, "n_segments", minimum=2)
         if float(compactness) < 0:
             raise ConfigError(f"compactness must be ≥0; got {compactness}.")
         self.compactness = float(compactness)
@@ -99,7 +117,7 @@ class SuperpixelSurrogate(Explainer):
             raise unknown_choice(f"{type(self).__name__} score", score, SCORES)
         self.score = score
         self.seed = int(seed)
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self._feature_mask: Tensor | None = None
 
     def attribute(self, x: Tensor, target: TargetLike = "predicted", reduce: str | None = AUTO, *,
@@ -221,6 +239,25 @@ class Lime(SuperpixelSurrogate):
     (or "mean", "gray", "blur", a number, a tensor — in the model's normalised space, not lime's
     pixel values), ``score="logit"``, ``distance="input"``. The previous defaults were
     ``segmentation="slic", n_segments=50, n_samples=500, baseline="zero", score="logit"``.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        n_samples: perturbed samples per image, the image itself first.
+        segmentation: superpixels: ``quickshift`` | ``slic`` | ``grid`` (see :func:`xaudit.explainers.segment`).
+        n_segments: target number of superpixels (``slic``, ``grid``).
+        compactness: SLIC's colour-vs-position weight (1: one grid step against one standard deviation).
+        baseline: what a hidden superpixel shows: ``segment_mean`` (its own mean colour), a fill name
+            (``zero``, ``mean``, ``gray``, ``blur``, ``rise_blur``), a number or a tensor.
+        blur_sigma: σ of a ``blur`` baseline in px (None: its default for the image size).
+        kernel_width: width w of the similarity kernel exp(−d²/(2w²)).
+        distance: ``interpretable`` (cosine in the binary space) or ``input`` (between the images).
+        alpha: ridge penalty (0: weighted least squares).
+        score: the regressed output: ``prob`` or ``logit``.
+        seed: seeds the sampled coalitions, per image (a local generator).
+        internal_batch_size: perturbed images per forward.
+        kernel_size: quick shift's kernel size.
+        max_dist: quick shift's maximum distance.
+        ratio: quick shift's colour-vs-space ratio.
     """
 
     signed = True
@@ -288,6 +325,22 @@ class KernelShap(SuperpixelSurrogate):
     drawn as Captum does — size k with probability ∝ (M−1)/(k(M−k)), members uniformly — each of
     weight 1. The weighted least squares problem is solved with one φ eliminated by the
     constraint (as the shap package); an under-determined system gets the minimum-norm solution.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        n_samples: coalitions per image, the full and the empty one included.
+        segmentation: superpixels: ``quickshift`` | ``slic`` | ``grid`` (see :func:`xaudit.explainers.segment`).
+        n_segments: target number of superpixels (``slic``, ``grid``).
+        compactness: SLIC's colour-vs-position weight (1: one grid step against one standard deviation).
+        baseline: what a hidden superpixel shows: ``segment_mean`` (its own mean colour), a fill name
+            (``zero``, ``mean``, ``gray``, ``blur``, ``rise_blur``), a number or a tensor.
+        blur_sigma: σ of a ``blur`` baseline in px (None: its default for the image size).
+        score: the explained output: ``logit`` or ``prob``.
+        seed: seeds the sampled coalitions, per image (a local generator).
+        internal_batch_size: perturbed images per forward.
+        kernel_size: quick shift's kernel size.
+        max_dist: quick shift's maximum distance.
+        ratio: quick shift's colour-vs-space ratio.
     """
 
     signed = True
@@ -299,7 +352,7 @@ class KernelShap(SuperpixelSurrogate):
                  max_dist: float = _QS["max_dist"], ratio: float = _QS["ratio"]) -> None:
         super().__init__(model, n_samples, segmentation, n_segments, compactness, baseline, blur_sigma, score,
                          seed, internal_batch_size, kernel_size=kernel_size, max_dist=max_dist, ratio=ratio)
-        self.n_samples = check_positive_int("n_samples", n_samples, minimum=3)
+        self.n_samples = positive_int(n_samples, "n_samples", minimum=3)
 
     def coalitions(self, m: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """[full, empty, proper coalitions...] and their weights (the first two are constraints)."""

@@ -39,7 +39,8 @@ ACTIVATIONS: tuple[str, ...] = ("softmax", "sigmoid")
 
 def _per_sample(value: int | Sequence[int] | Tensor, batch: int, device: torch.device, name: str) -> Tensor:
     """Class indices long [batch] on ``device`` from an int, a sequence or a tensor."""
-    if isinstance(value, bool) or (isinstance(value, Tensor) and (value.is_floating_point() or value.dtype == torch.bool)):
+    if isinstance(value, bool) or (
+            isinstance(value, Tensor) and (value.is_floating_point() or value.dtype == torch.bool)):
         raise ExplainerTypeError(f"{name} must hold integer class indices; got {value!r}.")
     if isinstance(value, numbers.Integral):
         return torch.full((batch,), int(value), dtype=torch.long, device=device)
@@ -83,7 +84,8 @@ class ClassProbability(TargetSpec):
 
     def __init__(self, cls: TargetLike = "predicted", activation: str = "softmax") -> None:
         if activation not in ACTIVATIONS:
-            raise ExplainerInputError(f"ClassProbability(activation={activation!r}): choose one of {list(ACTIVATIONS)}.")
+            raise ExplainerInputError(
+                f"ClassProbability(activation={activation!r}): choose one of {list(ACTIVATIONS)}.")
         self.classes = cls
         self.activation = activation
 
@@ -167,7 +169,8 @@ class PresentClasses(TargetSpec):
 
     def expand(self, x: Tensor) -> tuple[Tensor, TargetSpec]:
         if self.rows != x.shape[0]:
-            raise ExplainerInputError(f"PresentClasses: the labels have {self.rows} rows but x has {x.shape[0]} images; "
+            raise ExplainerInputError(f"PresentClasses: the labels have {self.rows} rows "
+                                      f"but x has {x.shape[0]} images; "
                                       "pass one multi-hot row per image.")
         cls = self.cls.to(x.device)
         inner: TargetSpec = ClassLogit(cls) if self.kind == "logit" else ClassProbability(cls, self.kind)

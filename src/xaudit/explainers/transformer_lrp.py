@@ -239,6 +239,11 @@ class AttnLRP(Explainer):
     default reduction sums channels (signed). Works on any model built from the operations above —
     timm ViT/DeiT/Swin, torchvision ViT/Swin, and CNNs (where it reduces to ε-LRP with the plain
     gradient through ReLU and pooling).
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        variant: ``attnlrp`` or ``cp_lrp``.
+        epsilon: ε of the linear layers' ε rule (0: LRP-0).
     """
 
     default_reduce = "sum"
@@ -279,7 +284,12 @@ class AttnLRP(Explainer):
 class CPLRP(AttnLRP):
     """CP-LRP (Ali et al., 2022): :class:`AttnLRP` with ``variant="cp_lrp"`` — attention probabilities
     and normalisation scales held constant, so relevance is conserved through every attention block
-    (what biases and embeddings absorb aside). LXT's recommendation inside ViT attention."""
+    (what biases and embeddings absorb aside). LXT's recommendation inside ViT attention.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        epsilon: ε of the linear layers' ε rule (0: LRP-0).
+    """
 
     def __init__(self, model: nn.Module, epsilon: float = 1e-6) -> None:
         super().__init__(model, variant="cp_lrp", epsilon=epsilon)

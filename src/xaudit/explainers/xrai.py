@@ -19,12 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xaudit.explainers.base import Explainer, Target, check_positive_int
+from xaudit.explainers.base import Explainer, Target
 from xaudit.explainers.fills import FILLS, FillLike, check_fill
 from xaudit.explainers.gradient import IntegratedGradients
 from xaudit.explainers.registry import register
 from xaudit.explainers.segmentation import segment
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import positive_int
 
 # the paper's baselines: the image's darkest and brightest value (its value range, per image)
 EXTREMES: tuple[str, ...] = ("black", "white")
@@ -83,6 +84,18 @@ class XRAI(Explainer):
     of :mod:`xaudit.explainers.fills`). ``n_segments`` are the SLIC scales whose regions compete;
     ``dilation`` (px, default 5 px scaled from 224 px) and ``min_pixel_diff`` (default 50 px scaled
     from 224²) are the paper's; ``area_threshold`` stops once that fraction of the image is covered.
+
+    Args:
+        model: the classifier (returns logits [B, num_classes]).
+        steps: integrated-gradients path points.
+        baselines: IG baselines: ``black``/``white`` (the image's min/max) or fills; the maps are averaged.
+        n_segments: the SLIC scales (segments per scale) whose regions compete.
+        compactness: SLIC's colour-vs-position weight.
+        dilation: region dilation in px; None: 5 px at 224 px, scaled to the image.
+        min_pixel_diff: fewest new pixels a region must add; None: 50 px at 224², scaled.
+        area_threshold: stop once this fraction of the image is covered.
+        method: integrated gradients' Riemann rule.
+        internal_batch_size: path points per forward + backward.
     """
 
     def __init__(self, model: nn.Module, steps: int = 50, baselines: Sequence[FillLike] = EXTREMES,
@@ -90,7 +103,7 @@ class XRAI(Explainer):
                  dilation: int | None = None, min_pixel_diff: int | None = None, area_threshold: float = 1.0,
                  method: str = "riemann_middle", internal_batch_size: int = 64) -> None:
         super().__init__(model)
-        self.steps = check_positive_int("steps", steps)
+        self.steps = positive_int(steps, "steps")
         if isinstance(baselines, str | Tensor) or not isinstance(baselines, Sequence) or not baselines:
             raise ConfigError(f"baselines must be a non-empty list, e.g. ['black', 'white']; got {baselines!r}.")
         for b in baselines:
@@ -103,12 +116,12 @@ class XRAI(Explainer):
         self.baselines = list(baselines)
         if isinstance(n_segments, int):
             n_segments = (n_segments,)
-        self.n_segments = tuple(check_positive_int("n_segments", n, minimum=2) for n in n_segments)
+        self.n_segments = tuple(positive_int(n, "n_segments", minimum=2) for n in n_segments)
         if not self.n_segments:
             raise ConfigError("n_segments must list at least one segmentation scale, e.g. [8, 16, 32, 64].")
         self.compactness = float(compactness)
-        self.dilation = None if dilation is None else check_positive_int("dilation", dilation, minimum=0)
-        self.min_pixel_diff = None if min_pixel_diff is None else check_positive_int("min_pixel_diff", min_pixel_diff)
+        self.dilation = None if dilation is None else positive_int(dilation, "dilation", minimum=0)
+        self.min_pixel_diff = None if min_pixel_diff is None else positive_int(min_pixel_diff, "min_pixel_diff")
         if not 0.0 < float(area_threshold) <= 1.0:
             raise ConfigError(f"area_threshold must be in (0, 1]; got {area_threshold}.")
         self.area_threshold = float(area_threshold)

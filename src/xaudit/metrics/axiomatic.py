@@ -6,13 +6,11 @@ from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-from xaudit.explainers.fills import FILLS, make_fill
 from xaudit.metrics.base import (
     OUTPUTS,
     ModelHolder,
     XAuditMetric,
     check_attribution,
-    check_choice,
     check_images,
     check_target,
     check_target_range,
@@ -21,7 +19,9 @@ from xaudit.metrics.base import (
     target_scores,
 )
 from xaudit.metrics.registry import register_metric
+from xaudit.ops.fills import FILLS, make_fill
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import choice
 
 
 @register_metric("completeness")
@@ -51,9 +51,9 @@ class Completeness(ModelHolder, XAuditMetric):
         self._hold(model)
         if isinstance(baseline, bool) or not isinstance(baseline, (str, int, float)):
             raise ConfigError(f"baseline={baseline!r} must be one of {list(FILLS)} or a number.")
-        self.baseline = check_choice(baseline, FILLS, "baseline", "baseline") if isinstance(baseline, str) else baseline
+        self.baseline = choice(baseline, FILLS, "baseline") if isinstance(baseline, str) else baseline
         self.blur_sigma = blur_sigma
-        self.output = check_choice(output, OUTPUTS, "output", "output")
+        self.output = choice(output, OUTPUTS, "output")
         self.eps = float(eps)
 
     def update(self, x: Tensor, attr: Tensor, target: Tensor) -> None:

@@ -27,14 +27,14 @@ from xaudit.metrics.base import (
     check_attribution,
     check_explainer,
     check_images,
-    check_positive_int,
     check_target,
     evaluating,
 )
 from xaudit.metrics.faithfulness import baseline_values, check_baseline
-from xaudit.metrics.faithfulness_sets import _clean_scores
+from xaudit.metrics.faithfulness_sets import clean_scores
 from xaudit.metrics.registry import register_metric
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import positive_int
 
 
 def first_layer(model: nn.Module) -> nn.Conv2d | nn.Linear:
@@ -77,7 +77,8 @@ class InputInvariance(ModelHolder, XAuditMetric):
     ``update(x, attr, target, explainer)``: ``explainer`` must explain this metric's model; it is
     deep-copied together with the model (layer references such as CAM's target layers follow the
     copy) and the copy's first layer is shifted; the caller's model is never touched. Explainers
-    that seed their noise from the image's bits (SmoothGrad) draw other noise for the shifted image. Quantus takes its first named sub-module and
+    that seed their noise from the image's bits (SmoothGrad) draw other noise for the shifted image. Quantus takes its
+    first named sub-module and
     ``2b − min(layer(shift))``, which equals b − shift·ΣW for a convolution without padding; with
     padding Quantus' bias is off at the borders, xaudit's is the exact interior one.
     """
@@ -96,7 +97,7 @@ class InputInvariance(ModelHolder, XAuditMetric):
             raise ConfigError(f"input_shift={input_shift!r} must be a number (added to every input value).")
         self.input_shift = float(input_shift)
         self.atol, self.rtol = float(atol), float(rtol)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def shifted_explainer(self, explainer: Explainer) -> Explainer:
         """A copy of ``explainer`` explaining the bias-shifted copy of the model."""
@@ -163,10 +164,10 @@ class NonSensitivity(ModelHolder, XAuditMetric):
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
             raise ConfigError(f"eps={eps!r} must be a number > 0 (e.g. 1e-5).")
         self.eps = float(eps)
-        self.features_in_step = check_positive_int(features_in_step, "features_in_step")
+        self.features_in_step = positive_int(features_in_step, "features_in_step")
         self.perturb_baseline = check_baseline(perturb_baseline)
         self.abs, self.normalise = bool(abs), bool(normalise)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def update(self, x: Tensor, attr: Tensor, target: Tensor) -> None:
         """Add the violation counts of one batch (H·W/``features_in_step`` forwards per image)."""
@@ -188,7 +189,7 @@ class NonSensitivity(ModelHolder, XAuditMetric):
         unattributed = (a < self.eps).view(b, steps, k).all(2)
         group = (torch.arange(h * w, device=x.device) // k).view(1, 1, 1, h, w)
         with evaluating(self.model):
-            p0 = _clean_scores(self.model, x, target, "prob")
+            p0 = clean_scores(self.model, x, target, "prob")
             fill = baseline_values(x, self.perturb_baseline)
             ids = torch.arange(steps, device=x.device).view(1, steps, 1, 1, 1)
 

@@ -18,7 +18,7 @@ Two update signatures, one per family (``update_inputs`` names them for generic 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from itertools import chain
 from typing import Any, ClassVar
@@ -29,8 +29,9 @@ from torchmetrics import Metric
 from torchmetrics.utilities import dim_zero_cat
 
 from xaudit.explainers.base import Explainer, compute_dtype
-from xaudit.explainers.fills import FillLike, make_fill
-from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.ops.fills import FillLike, make_fill
+from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import choice, positive_int
 
 #: constructor arguments that decide how a metric runs, not what it measures (left off the card)
 _NOT_PROTOCOL = frozenset({"self", "model", "internal_batch_size", "explainer", "explainer_kwargs"})
@@ -38,6 +39,12 @@ SUBSTRATES: tuple[str, ...] = ("zero", "blur", "mean", "gaussian")
 #: what a model-based metric reads from the classifier: the target's softmax probability or logit
 OUTPUTS: tuple[str, ...] = ("prob", "logit")
 
+
+
+def deviations(params: Mapping[str, Any], paper: Mapping[str, Any]) -> list[str]:
+    """``key=ours (paper: theirs)`` for every parameter the paper fixes and the run does not follow
+    (the protocol card's deviations column; :mod:`xaudit.reporting.protocol` re-exports it)."""
+    return [f"{k}={params.get(k)!r} (paper: {v!r})" for k, v in paper.items() if params.get(k) != v]
 
 class XAuditMetric(Metric):
     """A metric with one value per sample: ``compute()`` is their mean, ``per_sample()`` the values.
@@ -103,8 +110,6 @@ class XAuditMetric(Metric):
     def protocol(self, size: tuple[int, int]) -> dict[str, Any]:
         """This metric's row of the protocol card: paper, parameters as run, the paper's values and
         every deviation from them (``key=ours (paper: theirs)``), plus known notes."""
-        from xaudit.reporting.protocol import deviations
-
         params, paper = self.protocol_params(size), self.paper_params(size)
         return {"paper": self.paper, "params": params, "paper_params": paper, "deviations": deviations(params, paper),
                 "notes": list(self.protocol_notes)}
@@ -241,17 +246,13 @@ def check_mask(mask: Tensor | None, attr: Tensor, metric: str) -> Tensor:
 
 
 def check_positive_int(value: Any, key: str, minimum: int = 1) -> int:
-    """A hyper-parameter that must be an integer ≥ ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{key}={value!r} must be an integer ≥{minimum}.")
-    return int(value)
+    """Alias of :func:`xaudit.utils.validation.positive_int` (kept for existing callers)."""
+    return positive_int(value, key, minimum)
 
 
 def check_choice(value: str, choices: tuple[str, ...], kind: str, key: str) -> str:
-    """A hyper-parameter that must be one of ``choices``."""
-    if value not in choices:
-        raise unknown_choice(kind, value, choices, key=key)
-    return value
+    """Alias of :func:`xaudit.utils.validation.choice` (note its order: ``value, choices, key, kind``)."""
+    return choice(value, choices, key, kind)
 
 
 # -- substrates -----------------------------------------------------------------------------
@@ -261,9 +262,9 @@ def make_substrate(x: Tensor, name: FillLike, blur_sigma: float | None = None) -
     ``zero`` — 0 in normalised units, i.e. the dataset-mean colour (RISE's deletion substrate,
     ``torch.zeros_like`` on the normalised image); ``blur`` — RISE's insertion substrate, the
     reference code's Gaussian (11×11, σ = 5 at 224 px, both scaled by side/224, zero-padded;
-    ``blur_sigma`` overrides σ, see :func:`xaudit.explainers.fills.rise_blur`); ``mean`` — each
+    ``blur_sigma`` overrides σ, see :func:`xaudit.ops.fills.rise_blur`); ``mean`` — each
     image's own per-channel mean; ``gaussian`` — a replicate-padded Gaussian with σ = ``blur_sigma``
-    (default max(H,W)/8, xaudit's substrate before protocol 2). Built by the explainers'
+    (default max(H,W)/8, xaudit's substrate before protocol 2). Built by :mod:`xaudit.ops.fills`'
     ``make_fill``, the one place that makes reference images.
     """
     if name == "blur":

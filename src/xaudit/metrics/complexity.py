@@ -27,13 +27,12 @@ from torch import Tensor
 from xaudit.metrics.base import XAuditMetric, check_attribution
 from xaudit.metrics.registry import register_metric
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import flag
 
 
 def check_flag(value: Any, key: str, meaning: str) -> bool:
-    """A boolean hyper-parameter (``abs``, ``normalise``, ...)."""
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be true or false ({meaning}).")
-    return value
+    """Alias of :func:`xaudit.utils.validation.flag` (kept for existing callers)."""
+    return flag(value, key, meaning)
 
 
 def prepare_maps(attr: Tensor, normalise: bool, take_abs: bool) -> Tensor:
@@ -54,8 +53,8 @@ class _MapMetric(XAuditMetric):
 
     def __init__(self, abs: bool = True, normalise: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.abs = check_flag(abs, "abs", "take |a| of the attributions")
-        self.normalise = check_flag(normalise, "normalise", "divide each map by its max |a| first")
+        self.abs = flag(abs, "abs", "take |a| of the attributions")
+        self.normalise = flag(normalise, "normalise", "divide each map by its max |a| first")
 
     def update(self, attr: Tensor) -> None:
         """Add the values of a batch of attribution maps [B,H,W]."""
@@ -79,7 +78,8 @@ class Sparseness(_MapMetric):
 
     measures = "Gini index of |attribution| (concentration on few pixels)"
     higher_is_better: ClassVar[bool] = True
-    paper: ClassVar[str] = "Chalasani et al., Concise explanations of neural networks using adversarial training, ICML 2020"
+    paper: ClassVar[str] = ("Chalasani et al., Concise explanations of neural networks using adversarial training, "
+                            "ICML 2020")
     protocol_notes: ClassVar[tuple[str, ...]] = (
         "normalise divides by each map's own max |a| (Quantus: one max over the batch)",)
 

@@ -148,18 +148,20 @@ def needs_mask(spec: dict[str, Any]) -> bool:
 
 
 def build_metrics(specs: dict[str, dict[str, Any]], net: nn.Module, method: str | None = None,
-                  method_kwargs: dict[str, Any] | None = None) -> dict[str, XAuditMetric]:
+                  method_kwargs: dict[str, Any] | None = None,
+                  key: str = "evaluate.metrics") -> dict[str, XAuditMetric]:
     """``{label: {name: <registered metric>, **kwargs}}`` → metric instances (model given where needed).
 
     A metric that re-explains with an explainer of its own (``sanity_check``: it randomises the
     model and explains again) is given the evaluated ``method`` and ``method_kwargs`` unless its
     spec names an explainer: it must compare the method's map with the *same* method's map on the
-    randomised model (Adebayo et al.), not with another method's.
+    randomised model (Adebayo et al.), not with another method's. ``key`` is the config key named in
+    errors (``evaluate.metrics``, ``callbacks.explanation_monitor.metrics``).
     """
     out: dict[str, XAuditMetric] = {}
     for label, spec in specs.items():
         if not isinstance(spec, dict) or "name" not in spec:
-            raise ConfigError(f"evaluate.metrics.{label} must be a mapping with a 'name' key (a registered "
+            raise ConfigError(f"{key}.{label} must be a mapping with a 'name' key (a registered "
                               f"metric) and its options, e.g. {{name: deletion_insertion, mode: deletion}}; "
                               f"got {spec!r}.")
         kwargs = {k: v for k, v in spec.items() if k != "name"}
@@ -172,7 +174,7 @@ def build_metrics(specs: dict[str, dict[str, Any]], net: nn.Module, method: str 
         try:
             out[label] = create_metric(str(spec["name"]), **kwargs)
         except TypeError as err:
-            raise ConfigError(f"evaluate.metrics.{label}: {err}") from None
+            raise ConfigError(f"{key}.{label}: {err}") from None
     return out
 
 

@@ -9,7 +9,7 @@ minimum, ``white`` = its maximum, ``mean`` = its mean (Quantus' names), or a num
 
 Every perturbed image of a batch is built on the device by broadcasting and run through the model
 in chunks of ``internal_batch_size`` images (:func:`blockwise_scores`): no numpy, no forward per
-sample or per step. Pixel and patch orders come from :func:`xaudit.utils.ranking.pixel_ranks`
+sample or per step. Pixel and patch orders come from :func:`xaudit.ops.ranking.pixel_ranks`
 (ties broken by a seeded hash of the image, so a sample scores the same in any batch or DDP rank;
 Quantus breaks ties by numpy's unstable ``argsort``). Quantus' ``normalise=True`` divides a map by
 its maximum absolute value: a positive rescaling that changes none of these scores, so it is not
@@ -23,16 +23,13 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from xaudit.explainers.baselines import image_seeds
 from xaudit.metrics.base import (
     OUTPUTS,
     ModelHolder,
     XAuditMetric,
     blockwise_scores,
     check_attribution,
-    check_choice,
     check_images,
-    check_positive_int,
     check_target,
     check_target_range,
     evaluating,
@@ -42,22 +39,25 @@ from xaudit.metrics.base import (
 from xaudit.metrics.perturbation import pearson
 from xaudit.metrics.randomisation import spearman
 from xaudit.metrics.registry import register_metric
+from xaudit.ops.ranking import content_seeds, pixel_ranks
+from xaudit.ops.seeds import image_seeds
 from xaudit.utils.errors import ConfigError
-from xaudit.utils.ranking import content_seeds, pixel_ranks
+from xaudit.utils.validation import choice, positive_int
 
 #: Quantus' deterministic baseline names (``uniform`` only where a metric draws it, see MonotonicityCorrelation)
 BASELINES: tuple[str, ...] = ("black", "white", "mean")
 ORDERS: tuple[str, ...] = ("morf", "lerf", "random")
 
 
-def check_baseline(value: str | float, allowed: tuple[str, ...] = BASELINES, key: str = "perturb_baseline") -> str | float:
+def check_baseline(value: str | float, allowed: tuple[str, ...] = BASELINES,
+                   key: str = "perturb_baseline") -> str | float:
     """A Quantus-style ``perturb_baseline``: one of ``allowed`` (each image's own min "black" / max
     "white" / mean over all channels and pixels) or a number in normalised units."""
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise ConfigError(f"{key}={value!r} must be one of {list(allowed)} (each image's own min / max / mean over "
                           "all channels and pixels) or a number in normalised units (e.g. 0.0).")
     if isinstance(value, str):
-        return check_choice(value, allowed, key, key)
+        return choice(value, allowed, key)
     return float(value)
 
 
@@ -110,9 +110,9 @@ class _FaithfulnessBase(ModelHolder, XAuditMetric):
 
     def _common(self, model: nn.Module, output: str, abs: bool, internal_batch_size: int, tie_seed: int) -> None:
         self._hold(model)
-        self.output = check_choice(output, OUTPUTS, "output", "output")
+        self.output = choice(output, OUTPUTS, "output")
         self.abs = bool(abs)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self.tie_seed = int(tie_seed)
 
 
@@ -139,7 +139,7 @@ class FaithfulnessEstimate(_FaithfulnessBase):
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._common(model, output, abs, internal_batch_size, tie_seed)
-        self.features_in_step = check_positive_int(features_in_step, "features_in_step")
+        self.features_in_step = positive_int(features_in_step, "features_in_step")
         self.perturb_baseline = check_baseline(perturb_baseline)
 
     def update(self, x: Tensor, attr: Tensor, target: Tensor) -> None:
@@ -191,7 +191,7 @@ class Monotonicity(_FaithfulnessBase):
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._common(model, output, abs, internal_batch_size, tie_seed)
-        self.features_in_step = check_positive_int(features_in_step, "features_in_step")
+        self.features_in_step = positive_int(features_in_step, "features_in_step")
         self.perturb_baseline = check_baseline(perturb_baseline)
         self.add_state("curve_values", default=[], dist_reduce_fx="cat")
 
@@ -271,8 +271,8 @@ class MonotonicityCorrelation(_FaithfulnessBase):
                  tie_seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._common(model, output, abs, internal_batch_size, tie_seed)
-        self.nr_samples = check_positive_int(nr_samples, "nr_samples")
-        self.features_in_step = check_positive_int(features_in_step, "features_in_step")
+        self.nr_samples = positive_int(nr_samples, "nr_samples")
+        self.features_in_step = positive_int(features_in_step, "features_in_step")
         if not (isinstance(eps, (int, float)) and eps > 0):
             raise ConfigError(f"eps={eps!r} must be a positive number.")
         self.eps = float(eps)
@@ -368,9 +368,9 @@ class RegionPerturbation(_PatchMetric):
                  internal_batch_size: int = 256, tie_seed: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._common(model, output, abs, internal_batch_size, tie_seed)
-        self.patch_size = check_positive_int(patch_size, "patch_size")
-        self.order = check_choice(order.lower() if isinstance(order, str) else order, ORDERS, "order", "order")
-        self.regions_evaluation = check_positive_int(regions_evaluation, "regions_evaluation")
+        self.patch_size = positive_int(patch_size, "patch_size")
+        self.order = choice(order.lower() if isinstance(order, str) else order, ORDERS, "order")
+        self.regions_evaluation = positive_int(regions_evaluation, "regions_evaluation")
         self.perturb_baseline = check_baseline(perturb_baseline)
         self.add_state("curve_values", default=[], dist_reduce_fx="cat")
 
@@ -411,7 +411,7 @@ class Selectivity(_PatchMetric):
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._common(model, output, abs, internal_batch_size, tie_seed)
-        self.patch_size = check_positive_int(patch_size, "patch_size")
+        self.patch_size = positive_int(patch_size, "patch_size")
         self.perturb_baseline = check_baseline(perturb_baseline)
         self.add_state("curve_values", default=[], dist_reduce_fx="cat")
 

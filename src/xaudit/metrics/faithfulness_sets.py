@@ -24,9 +24,7 @@ from xaudit.metrics.base import (
     XAuditMetric,
     blockwise_scores,
     check_attribution,
-    check_choice,
     check_images,
-    check_positive_int,
     check_target,
     check_target_range,
     evaluating,
@@ -36,9 +34,10 @@ from xaudit.metrics.base import (
 from xaudit.metrics.faithfulness import baseline_values, check_baseline
 from xaudit.metrics.registry import register_metric
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import choice, positive_int
 
 
-def _clean_scores(model: nn.Module, x: Tensor, target: Tensor, output: str) -> Tensor:
+def clean_scores(model: nn.Module, x: Tensor, target: Tensor, output: str) -> Tensor:
     logits = model_logits(model, x)
     check_target_range(target, logits.shape[-1])
     return target_scores(logits, target, output)
@@ -82,10 +81,10 @@ class IROF(ModelHolder, XAuditMetric):
         super().__init__(**kwargs)
         self._hold(model)
         self.perturb_baseline = check_baseline(perturb_baseline)
-        self.segmentation_method = check_choice(segmentation_method, tuple(SEGMENTATIONS), "segmentation",
-                                                "segmentation_method")
-        self.n_segments = check_positive_int(n_segments, "n_segments")
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.segmentation_method = choice(segmentation_method, tuple(SEGMENTATIONS), "segmentation_method",
+                                          "segmentation")
+        self.n_segments = positive_int(n_segments, "n_segments")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def update(self, x: Tensor, attr: Tensor, target: Tensor, segments: Tensor | None = None) -> None:
         """Add the AOCs of one batch; ``segments`` long [B,H,W] replaces the SLIC labels."""
@@ -116,7 +115,7 @@ class IROF(ModelHolder, XAuditMetric):
         rank_of_seg = torch.empty_like(order).scatter_(1, order, torch.arange(m, device=x.device).expand(b, m))
         pixel_rank = rank_of_seg.gather(1, segments).view(b, 1, 1, h, w)
         with evaluating(self.model):
-            p0 = _clean_scores(self.model, x, target, "prob")
+            p0 = clean_scores(self.model, x, target, "prob")
             fill = baseline_values(x, self.perturb_baseline)
             steps = torch.arange(1, m + 1, device=x.device).view(1, m, 1, 1, 1)
 
@@ -172,12 +171,12 @@ class Infidelity(ModelHolder, XAuditMetric):
             perturb_patch_sizes = (perturb_patch_sizes,)
         if not perturb_patch_sizes:
             raise ConfigError("perturb_patch_sizes must list at least one patch size (e.g. [4]).")
-        self.perturb_patch_sizes = tuple(check_positive_int(p, "perturb_patch_sizes") for p in perturb_patch_sizes)
+        self.perturb_patch_sizes = tuple(positive_int(p, "perturb_patch_sizes") for p in perturb_patch_sizes)
         self.perturb_baseline = check_baseline(perturb_baseline)
         if output not in ("prob", "logit"):
             raise ConfigError(f"output={output!r} must be 'logit' (Quantus' default) or 'prob'.")
         self.output = output
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def update(self, x: Tensor, attr: Tensor, target: Tensor) -> None:
         """Add the infidelities of one batch."""
@@ -191,7 +190,7 @@ class Infidelity(ModelHolder, XAuditMetric):
         attr = attr.to(x.device)
         scores = []
         with evaluating(self.model):
-            f0 = _clean_scores(self.model, x, target, self.output).double()
+            f0 = clean_scores(self.model, x, target, self.output).double()
             fill = baseline_values(x, self.perturb_baseline)
             # Σ_c (x − fill) · Φ per pixel: what removing a pixel contributes to Iᵀ Φ
             contrib = ((x - fill).double().sum(1) * attr.double()).flatten(1)
@@ -256,10 +255,10 @@ class SensitivityN(ModelHolder, XAuditMetric):
             raise ConfigError(f"n_max_percentage={n_max_percentage!r} must be a fraction in (0, 1] of the pixels "
                               "(e.g. 0.8).")
         self.n_max_percentage = float(n_max_percentage)
-        self.features_in_step = check_positive_int(features_in_step, "features_in_step")
+        self.features_in_step = positive_int(features_in_step, "features_in_step")
         self.perturb_baseline = check_baseline(perturb_baseline)
         self.cumulative_attr = bool(cumulative_attr)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self.add_state("pred_deltas", default=[], dist_reduce_fx="cat")
         self.add_state("att_sums", default=[], dist_reduce_fx="cat")
 
@@ -282,7 +281,7 @@ class SensitivityN(ModelHolder, XAuditMetric):
         rank = torch.empty_like(order).scatter_(1, order, torch.arange(h * w, device=x.device).expand(b, -1))
         rank = rank.view(b, 1, 1, h, w)
         with evaluating(self.model):
-            p0 = _clean_scores(self.model, x, target, "prob")
+            p0 = clean_scores(self.model, x, target, "prob")
             fill = baseline_values(x, self.perturb_baseline)
             counts = (torch.arange(1, steps + 1, device=x.device) * k).view(1, steps, 1, 1, 1)
 
@@ -326,15 +325,16 @@ class Sufficiency(ModelHolder, XAuditMetric):
     explanation that get the same predicted class (0 when none does). The score depends on which
     samples share the batch, by definition (as in Quantus): use the same batches to compare methods
     (xaudit's evaluation shards DDP ranks by whole batches, so values under DDP equal one device's).
-    ``target`` is unused (the model's top-1 classes are compared). A batch of one sample gets NaN. Quantus' max-normalisation of the
-    maps is a global scale that the standardised distance ignores.
+    ``target`` is unused (the model's top-1 classes are compared). A batch of one sample gets NaN. Quantus'
+    max-normalisation of the maps is a global scale that the standardised distance ignores.
     """
 
     family = "faithfulness"
     measures = "how often samples with similar explanations get the same prediction"
     higher_is_better: ClassVar[bool] = True
     protocol_target: ClassVar[str] = "predicted"
-    paper: ClassVar[str] = "Dasgupta, Frost & Moshkovitz, Framework for evaluating faithfulness of local explanations, ICML 2022"
+    paper: ClassVar[str] = ("Dasgupta, Frost & Moshkovitz, Framework for evaluating faithfulness of local "
+                            "explanations, ICML 2022")
 
     def __init__(self, model: nn.Module, threshold: float = 0.6, abs: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -16,8 +16,8 @@ from torch import Tensor
 
 from xaudit.metrics.base import XAuditMetric, check_attribution, check_mask
 from xaudit.metrics.registry import register_metric
+from xaudit.ops.ranking import content_seeds, top_k_mask
 from xaudit.utils.errors import ConfigError
-from xaudit.utils.ranking import content_seeds, top_k_mask
 
 
 class _LocalisationMetric(XAuditMetric):
@@ -102,7 +102,7 @@ class MaskIoU(_LocalisationMetric):
 
     The thresholded-saliency localisation of the CAM/Grad-CAM papers, with a fixed area instead
     of a value threshold so maps on different scales compare fairly. Exactly
-    ``max(1, round(top_k·H·W))`` pixels are kept, in the order of :mod:`xaudit.utils.ranking`:
+    ``max(1, round(top_k·H·W))`` pixels are kept, in the order of :mod:`xaudit.ops.ranking`:
     ties broken at random, seeded by ``tie_seed`` and the sample's map and mask.
     """
 

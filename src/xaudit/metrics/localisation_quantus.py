@@ -28,19 +28,19 @@ import torch
 from torch import Tensor
 
 from xaudit.explainers.base import Explainer
-from xaudit.explainers.baselines import image_seeds
 from xaudit.metrics.base import (
     XAuditMetric,
     check_attribution,
     check_images,
     check_mask,
-    check_positive_int,
     check_target,
     evaluating,
 )
-from xaudit.metrics.complexity import check_flag, prepare_maps
+from xaudit.metrics.complexity import prepare_maps
 from xaudit.metrics.registry import register_metric
+from xaudit.ops.seeds import image_seeds
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import flag, positive_int
 
 
 class _MaskMetric(XAuditMetric):
@@ -54,8 +54,8 @@ class _MaskMetric(XAuditMetric):
 
     def __init__(self, abs: bool = False, normalise: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.abs = check_flag(abs, "abs", "take |a| of the attributions")
-        self.normalise = check_flag(normalise, "normalise", "divide each map by its max |a| first")
+        self.abs = flag(abs, "abs", "take |a| of the attributions")
+        self.normalise = flag(normalise, "normalise", "divide each map by its max |a| first")
 
     def update(self, attr: Tensor, mask: Tensor | None) -> None:
         """Add the scores of one batch (``mask`` None → error: this metric needs masks)."""
@@ -97,7 +97,8 @@ class AttributionLocalisation(_MaskMetric):
     """
 
     measures = "share of the attribution that falls inside the object mask"
-    paper: ClassVar[str] = "Kohlbrenner et al., Towards best practice in explaining neural network decisions with LRP, IJCNN 2020"
+    paper: ClassVar[str] = ("Kohlbrenner et al., Towards best practice in explaining neural network decisions with "
+                            "LRP, IJCNN 2020")
     protocol_notes: ClassVar[tuple[str, ...]] = (
         *_MaskMetric.protocol_notes,
         "weighted: times |mask|/(H·W) (Quantus divides by the size of x_batch[2:], a bug)",
@@ -106,8 +107,8 @@ class AttributionLocalisation(_MaskMetric):
     def __init__(self, weighted: bool = False, max_size: float = 1.0, positive_attributions: bool = False,
                  abs: bool = True, normalise: bool = True, **kwargs: Any) -> None:
         super().__init__(abs=abs, normalise=normalise, **kwargs)
-        self.weighted = check_flag(weighted, "weighted", "multiply by the mask's share of the image")
-        self.positive_attributions = check_flag(positive_attributions, "positive_attributions",
+        self.weighted = flag(weighted, "weighted", "multiply by the mask's share of the image")
+        self.positive_attributions = flag(positive_attributions, "positive_attributions",
                                                 "clip negative attributions to 0")
         if isinstance(max_size, bool) or not isinstance(max_size, int | float) or not 0.0 < max_size <= 1.0:
             raise ConfigError(f"max_size={max_size!r} must be a fraction in (0, 1] of the image (masks larger "
@@ -197,8 +198,8 @@ class TopKIntersection(_MaskMetric):
     def __init__(self, k: int | None = None, concept_influence: bool = False, abs: bool = False,
                  normalise: bool = True, **kwargs: Any) -> None:
         super().__init__(abs=abs, normalise=normalise, **kwargs)
-        self.k = None if k is None else check_positive_int(k, "k")
-        self.concept_influence = check_flag(concept_influence, "concept_influence",
+        self.k = None if k is None else positive_int(k, "k")
+        self.concept_influence = flag(concept_influence, "concept_influence",
                                             "divide by the mask's share of the image")
 
     def k_for(self, height: int, width: int) -> int:
@@ -271,9 +272,9 @@ class Focus(XAuditMetric):
                  **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.seed = int(seed)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
-        self.abs = check_flag(abs, "abs", "take |a| of the attributions")
-        self.normalise = check_flag(normalise, "normalise", "divide each map by its max |a| first")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
+        self.abs = flag(abs, "abs", "take |a| of the attributions")
+        self.normalise = flag(normalise, "normalise", "divide each map by its max |a| first")
 
     def mosaics(self, x: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The batch's mosaics [B,C,2H,2W], their target-tile flags [B,4] (top-left, top-right,

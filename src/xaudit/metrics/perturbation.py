@@ -13,8 +13,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from xaudit.explainers.baselines import image_seeds
-from xaudit.explainers.fills import rise_kernel_size, rise_sigma
 from xaudit.metrics.base import (
     OUTPUTS,
     SUBSTRATES,
@@ -22,9 +20,7 @@ from xaudit.metrics.base import (
     XAuditMetric,
     blockwise_scores,
     check_attribution,
-    check_choice,
     check_images,
-    check_positive_int,
     check_target,
     check_target_range,
     evaluating,
@@ -34,7 +30,10 @@ from xaudit.metrics.base import (
     target_scores,
 )
 from xaudit.metrics.registry import register_metric
-from xaudit.utils.ranking import content_seeds, pixel_ranks
+from xaudit.ops.fills import rise_kernel_size, rise_sigma
+from xaudit.ops.ranking import content_seeds, pixel_ranks
+from xaudit.ops.seeds import image_seeds
+from xaudit.utils.validation import choice, positive_int
 
 MODES: tuple[str, ...] = ("deletion", "insertion")
 
@@ -59,7 +58,7 @@ class DeletionInsertion(ModelHolder, XAuditMetric):
     """Deletion / insertion AUC of Petsiuk et al., "RISE", BMVC 2018.
 
     Pixels are ordered by attribution (highest first; ties broken by the seeded random priority of
-    :mod:`xaudit.utils.ranking`, seed ``tie_seed``) and, in ``steps`` equal chunks, *deleted*
+    :mod:`xaudit.ops.ranking`, seed ``tie_seed``) and, in ``steps`` equal chunks, *deleted*
     (replaced by the substrate, starting from the image) or *inserted* (copied from the image into
     the substrate). The curve is the explained class's softmax probability after 0, 1, ...,
     ``steps`` chunks ([N, steps+1], see :meth:`curves`); the score is its area over the perturbed
@@ -77,7 +76,8 @@ class DeletionInsertion(ModelHolder, XAuditMetric):
     """
 
     family = "faithfulness"
-    measures = "how fast the target score falls (deletion) or rises (insertion) as the most relevant pixels are removed or added"
+    measures = ("how fast the target score falls (deletion) or rises (insertion) as the most relevant pixels are "
+                "removed or added")
 
     paper: ClassVar[str] = "Petsiuk, Das & Saenko, RISE, BMVC 2018 (reference code evaluation.py)"
     protocol_target: ClassVar[str] = "predicted"
@@ -97,11 +97,11 @@ class DeletionInsertion(ModelHolder, XAuditMetric):
     ) -> None:
         super().__init__(**kwargs)
         self._hold(model)
-        self.mode = check_choice(mode, MODES, "mode", "mode")
-        self.steps = None if steps is None else check_positive_int(steps, "steps")
+        self.mode = choice(mode, MODES, "mode")
+        self.steps = None if steps is None else positive_int(steps, "steps")
         substrate = PAPER_SUBSTRATE[self.mode] if substrate is None else substrate
-        self.substrate = check_choice(substrate, SUBSTRATES, "substrate", "substrate")
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.substrate = choice(substrate, SUBSTRATES, "substrate")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self.blur_sigma = blur_sigma
         self.tie_seed = int(tie_seed)
         self.add_state("curve_values", default=[], dist_reduce_fx="cat")
@@ -267,12 +267,12 @@ class FaithfulnessCorrelation(ModelHolder, XAuditMetric):
     ) -> None:
         super().__init__(**kwargs)
         self._hold(model)
-        self.output = check_choice(output, OUTPUTS, "output", "output")
-        self.nr_runs = check_positive_int(nr_runs, "nr_runs", minimum=2)
-        self.subset_size = check_positive_int(subset_size, "subset_size")
-        self.substrate = check_choice(substrate, SUBSTRATES, "substrate", "substrate")
+        self.output = choice(output, OUTPUTS, "output")
+        self.nr_runs = positive_int(nr_runs, "nr_runs", minimum=2)
+        self.subset_size = positive_int(subset_size, "subset_size")
+        self.substrate = choice(substrate, SUBSTRATES, "substrate")
         self.seed = int(seed)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self.blur_sigma = blur_sigma
 
     def subsets(self, x: Tensor) -> Tensor:

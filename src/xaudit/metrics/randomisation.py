@@ -22,13 +22,13 @@ from xaudit.metrics.base import (
     ModelHolder,
     XAuditMetric,
     check_attribution,
-    check_choice,
     check_images,
     check_target,
 )
 from xaudit.metrics.perturbation import pearson
 from xaudit.metrics.registry import register_metric
 from xaudit.utils.errors import ConfigError, unknown_choice
+from xaudit.utils.validation import choice
 
 MODES: tuple[str, ...] = ("cascading", "independent")
 SIMILARITIES: tuple[str, ...] = ("spearman", "ssim")
@@ -316,8 +316,8 @@ class SanityCheck(ModelHolder, XAuditMetric):
         self._hold(model)
         self.explainer = str(explainer)
         self.explainer_kwargs = dict(explainer_kwargs or {})
-        self.mode = check_choice(mode, MODES, "mode", "mode")
-        self.similarity = check_choice(similarity, SIMILARITIES, "similarity", "similarity")
+        self.mode = choice(mode, MODES, "mode")
+        self.similarity = choice(similarity, SIMILARITIES, "similarity")
         self.absolute = bool(absolute)
         self.seed = int(seed)
         if layers is None:
@@ -327,7 +327,7 @@ class SanityCheck(ModelHolder, XAuditMetric):
             check_steps(model, self.layers)
         if not self.layers:
             raise ConfigError("SanityCheck: the model has no parameters to randomise.")
-        _check_explainer_name(self.explainer)
+        check_explainer_name(self.explainer)
         for sim in SIMILARITIES:
             self.add_state(f"{sim}_values", default=[], dist_reduce_fx="cat")
 
@@ -379,7 +379,7 @@ class SanityCheck(ModelHolder, XAuditMetric):
 
     def layer_scores(self, similarity: str | None = None) -> Tensor:
         """Similarity per sample and randomisation step [N, len(layers)] (``similarity`` default: own)."""
-        sim = check_choice(similarity or self.similarity, SIMILARITIES, "similarity", "similarity")
+        sim = choice(similarity or self.similarity, SIMILARITIES, "similarity")
         return self._gathered(f"{sim}_values")
 
     def per_layer(self, similarity: str | None = None) -> dict[str, float]:
@@ -390,7 +390,7 @@ class SanityCheck(ModelHolder, XAuditMetric):
         return {layer: float(v) for layer, v in zip(self.layers, scores.nanmean(dim=0).tolist())}
 
 
-def _check_explainer_name(name: str) -> None:
+def check_explainer_name(name: str) -> None:
     """Fail at construction, not mid-epoch, on an unknown explainer name."""
     try:
         from xaudit.explainers import names

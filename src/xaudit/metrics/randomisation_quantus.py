@@ -16,28 +16,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xaudit.explainers.baselines import image_seeds
 from xaudit.metrics.base import (
     ModelHolder,
     XAuditMetric,
     check_attribution,
-    check_choice,
     check_images,
-    check_positive_int,
     check_target,
     check_target_range,
     evaluating,
     model_logits,
 )
 from xaudit.metrics.randomisation import (
-    _check_explainer_name,
+    check_explainer_name,
     parameter_steps,
     randomise_step_,
     spearman,
     ssim_map,
 )
 from xaudit.metrics.registry import register_metric
+from xaudit.ops.seeds import image_seeds
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import choice, positive_int
 
 LAYER_ORDERS: tuple[str, ...] = ("bottom_up", "top_down", "independent")
 
@@ -113,7 +112,7 @@ class _RandomisationBase(ModelHolder, XAuditMetric):
         self.seed = int(seed)
         self.abs = bool(abs)
         self.normalise = bool(normalise)
-        _check_explainer_name(self.explainer)
+        check_explainer_name(self.explainer)
         if not parameter_steps(model):
             raise ConfigError(f"{type(self).__name__}: the model has no parameters to randomise.")
 
@@ -159,7 +158,7 @@ class EfficientMPRT(_RandomisationBase):
                  n_bins: int = 100, seed: int = 42, abs: bool = False, normalise: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(model, explainer, explainer_kwargs, seed, abs, normalise, **kwargs)
-        self.n_bins = check_positive_int(n_bins, "n_bins")
+        self.n_bins = positive_int(n_bins, "n_bins")
 
     def update(self, x: Tensor, attr: Tensor, target: Tensor) -> None:
         """Fully randomise a copy, re-explain, compare histogram entropies."""
@@ -201,12 +200,13 @@ class SmoothMPRT(_RandomisationBase):
                  seed: int = 42, abs: bool = True, normalise: bool = True,
                  internal_batch_size: int = 256, **kwargs: Any) -> None:
         super().__init__(model, explainer, explainer_kwargs, seed, abs, normalise, **kwargs)
-        self.layer_order = check_choice(layer_order, LAYER_ORDERS, "layer_order", "layer_order")
-        self.nr_samples = check_positive_int(nr_samples, "nr_samples")
+        self.layer_order = choice(layer_order, LAYER_ORDERS, "layer_order")
+        self.nr_samples = positive_int(nr_samples, "nr_samples")
         if not float(noise_magnitude) >= 0:
-            raise ConfigError(f"noise_magnitude={noise_magnitude!r} must be ≥ 0 (noise σ as a fraction of the image range).")
+            raise ConfigError(
+                f"noise_magnitude={noise_magnitude!r} must be ≥ 0 (noise σ as a fraction of the image range).")
         self.noise_magnitude = float(noise_magnitude)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self.layers = quantus_layers(model, self.layer_order)
         self.add_state("layer_values", default=[], dist_reduce_fx="cat")
 
@@ -281,8 +281,8 @@ class RandomLogit(_RandomisationBase):
                  num_classes: int | None = None, similarity: str = "ssim", seed: int = 42,
                  abs: bool = False, normalise: bool = True, **kwargs: Any) -> None:
         super().__init__(model, explainer, explainer_kwargs, seed, abs, normalise, **kwargs)
-        self.num_classes = None if num_classes is None else check_positive_int(num_classes, "num_classes", minimum=2)
-        self.similarity = check_choice(similarity, ("ssim", "spearman"), "similarity", "similarity")
+        self.num_classes = None if num_classes is None else positive_int(num_classes, "num_classes", minimum=2)
+        self.similarity = choice(similarity, ("ssim", "spearman"), "similarity")
 
     def off_targets(self, x: Tensor, target: Tensor, num_classes: int) -> Tensor:
         """A class ≠ target per image, uniform over the others, from the image's own generator."""

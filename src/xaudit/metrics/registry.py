@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from xaudit.utils.errors import check_options, unknown_choice
+from xaudit.utils.errors import check_options
+from xaudit.utils.registry import Registry
 
 #: keyword options every torchmetrics Metric accepts through ``**kwargs``
 TORCHMETRICS_OPTIONS = ("compute_on_cpu", "dist_sync_on_step", "process_group", "dist_sync_fn",
@@ -13,31 +14,23 @@ TORCHMETRICS_OPTIONS = ("compute_on_cpu", "dist_sync_on_step", "process_group", 
 
 M = TypeVar("M", bound=type)
 
-_METRICS: dict[str, type] = {}
+METRICS: Registry[type] = Registry("metric", key="metric.name")
+_METRICS: dict[str, type] = METRICS.items  # the mapping itself
 
 
 def register_metric(name: str) -> Callable[[M], M]:
-    """Class decorator: make a metric constructible as ``create_metric(name, ...)``."""
-
-    def decorate(cls: M) -> M:
-        if name in _METRICS and _METRICS[name] is not cls:
-            raise ValueError(f"Metric name {name!r} is already registered to {_METRICS[name].__name__}.")
-        _METRICS[name] = cls
-        return cls
-
-    return decorate
+    """Class decorator: make a metric constructible as ``create_metric(name, ...)`` (sets ``cls.name``)."""
+    return METRICS.register(name)
 
 
 def metric_names() -> list[str]:
     """Registered metric names, sorted."""
-    return sorted(_METRICS)
+    return METRICS.names()
 
 
 def metric_class(name: str) -> type:
     """The class registered under ``name``; unknown names list the choices."""
-    if name not in _METRICS:
-        raise unknown_choice("metric", name, _METRICS, key="metric.name")
-    return _METRICS[name]
+    return METRICS.get(name)
 
 
 def create_metric(name: str, **kwargs: Any) -> Any:

@@ -18,16 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from xaudit.explainers.baselines import image_seeds
 from xaudit.metrics.base import (
     OUTPUTS,
     ModelHolder,
     XAuditMetric,
     blockwise_scores,
     check_attribution,
-    check_choice,
     check_images,
-    check_positive_int,
     check_target,
     check_target_range,
     evaluating,
@@ -35,7 +32,9 @@ from xaudit.metrics.base import (
     target_scores,
 )
 from xaudit.metrics.registry import register_metric
+from xaudit.ops.seeds import image_seeds
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import choice, positive_int
 
 #: pytorch-grad-cam's ROADCombined default (the paper's 10 %..90 % grid)
 DEFAULT_PERCENTILES: tuple[float, ...] = (10, 20, 30, 40, 50, 60, 70, 80, 90)
@@ -153,10 +152,12 @@ class ROAD(ModelHolder, XAuditMetric):
     """
 
     family = "faithfulness"
-    measures = "score gap between removing the least and the most relevant pixels, imputed without leaking the mask shape"
+    measures = ("score gap between removing the least and the most relevant pixels, imputed without leaking the mask "
+                "shape")
 
     higher_is_better: ClassVar[bool] = True
-    paper: ClassVar[str] = "Rong et al., A Consistent and Efficient Evaluation Strategy for Attribution Methods, ICML 2022"
+    paper: ClassVar[str] = ("Rong et al., A Consistent and Efficient Evaluation Strategy for Attribution Methods, "
+                            "ICML 2022")
     protocol_target: ClassVar[str] = "predicted"
     protocol_notes: ClassVar[tuple[str, ...]] = (
         "linear system solved by preconditioned CG on the device (reference: scipy spsolve)",
@@ -177,12 +178,13 @@ class ROAD(ModelHolder, XAuditMetric):
         self._hold(model)
         self.percentiles = check_percentiles(percentiles)
         if not float(noise) >= 0:
-            raise ConfigError(f"noise={noise!r} must be ≥ 0 (the imputation noise's standard deviation; 0 turns it off).")
+            raise ConfigError(
+                f"noise={noise!r} must be ≥ 0 (the imputation noise's standard deviation; 0 turns it off).")
         self.noise = float(noise)
-        self.output = check_choice(output, OUTPUTS, "output", "output")
+        self.output = choice(output, OUTPUTS, "output")
         self.seed = int(seed)
         self.tol = float(tol)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self.add_state("morf_values", default=[], dist_reduce_fx="cat")
         self.add_state("lerf_values", default=[], dist_reduce_fx="cat")
 

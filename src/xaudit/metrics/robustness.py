@@ -29,30 +29,30 @@ import torch
 from torch import Tensor, nn
 
 from xaudit.explainers.base import Explainer
-from xaudit.explainers.baselines import image_seeds
 from xaudit.metrics.base import (
     ModelHolder,
     XAuditMetric,
     check_attribution,
     check_explainer,
     check_images,
-    check_positive_int,
     check_target,
     evaluating,
 )
 from xaudit.metrics.registry import register_metric
+from xaudit.ops.seeds import image_seeds
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import positive_float, positive_int
 
 #: added to denominators, as Quantus does (a constant map then has sensitivity 0, not 0/0)
 EPS = 1e-10
 
+#: what a noise scale is, for error messages
+NOISE_SCALE = "the noise scale, in the units of the normalised images; e.g. 0.05"
+
 
 def check_positive_float(value: Any, key: str) -> float:
-    """A noise scale that must be a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0 or value == float("inf"):
-        raise ConfigError(f"{key}={value!r} must be a number > 0 (the noise scale, in the units of the "
-                          "normalised images; e.g. 0.05).")
-    return float(value)
+    """A noise scale: a finite number > 0 (alias of :func:`xaudit.utils.validation.positive_float`)."""
+    return positive_float(value, key, NOISE_SCALE)
 
 
 class _Robustness(ModelHolder, XAuditMetric):
@@ -66,9 +66,9 @@ class _Robustness(ModelHolder, XAuditMetric):
                  normalise: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._hold(model)
-        self.n = check_positive_int(n, "n")
+        self.n = positive_int(n, "n")
         self.seed = int(seed)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         if not isinstance(normalise, bool):
             raise ConfigError(f"normalise={normalise!r} must be true or false (divide each map by its max |value| "
                               "before comparing).")
@@ -154,7 +154,7 @@ class MaxSensitivity(_Robustness):
                  internal_batch_size: int = 64, normalise: bool = False, **kwargs: Any) -> None:
         super().__init__(model, n=n, seed=seed, internal_batch_size=internal_batch_size, normalise=normalise,
                          **kwargs)
-        self.radius = check_positive_float(radius, "radius")
+        self.radius = positive_float(radius, "radius", NOISE_SCALE)
 
     def _draw(self, shape: torch.Size, g: torch.Generator, x: Tensor) -> Tensor:
         return (torch.rand(shape, generator=g, device=x.device, dtype=x.dtype) * 2 - 1) * self.radius
@@ -180,7 +180,7 @@ class LocalLipschitz(_Robustness):
                  internal_batch_size: int = 64, normalise: bool = True, **kwargs: Any) -> None:
         super().__init__(model, n=n, seed=seed, internal_batch_size=internal_batch_size, normalise=normalise,
                          **kwargs)
-        self.sigma = check_positive_float(sigma, "sigma")
+        self.sigma = positive_float(sigma, "sigma", NOISE_SCALE)
 
     def _draw(self, shape: torch.Size, g: torch.Generator, x: Tensor) -> Tensor:
         return torch.randn(shape, generator=g, device=x.device, dtype=x.dtype) * self.sigma

@@ -32,10 +32,8 @@ from xaudit.metrics.base import (
     ModelHolder,
     XAuditMetric,
     check_attribution,
-    check_choice,
     check_explainer,
     check_images,
-    check_positive_int,
     check_target,
     check_target_range,
     evaluating,
@@ -44,11 +42,11 @@ from xaudit.metrics.base import (
 from xaudit.metrics.registry import register_metric
 from xaudit.metrics.robustness import (
     MaxSensitivity,
-    check_positive_float,
     checked_noise,
     seeded_noise,
 )
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import choice, flag, positive_float, positive_int
 
 __all__ = [
     "AvgSensitivity",
@@ -61,9 +59,8 @@ __all__ = [
 
 
 def _check_bool(value: Any, key: str, what: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}={value!r} must be true or false ({what}).")
-    return value
+    """Alias of :func:`xaudit.utils.validation.flag`."""
+    return flag(value, key, what)
 
 
 def _by_max(maps: Tensor) -> Tensor:
@@ -138,10 +135,10 @@ class Consistency(ModelHolder, XAuditMetric):
                  internal_batch_size: int = 64, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._hold(model)
-        self.n = check_positive_int(n, "n")
-        self.discretise = check_choice(discretise, DISCRETISE, "discretisation", "discretise")
-        self.abs = _check_bool(abs, "abs", "compare |attributions|")
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.n = positive_int(n, "n")
+        self.discretise = choice(discretise, DISCRETISE, "discretise", "discretisation")
+        self.abs = flag(abs, "abs", "compare |attributions|")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
         self.add_state("codes", default=[], dist_reduce_fx="cat")
         self.add_state("preds", default=[], dist_reduce_fx="cat")
 
@@ -149,7 +146,8 @@ class Consistency(ModelHolder, XAuditMetric):
         """The discretised explanations [B, n] (equal rows ⇔ equal explanations)."""
         a = attr.flatten(1)
         if self.n > a.shape[1]:
-            raise ConfigError(f"Consistency: n={self.n} exceeds the {a.shape[1]} values of a map; use n ≤ {a.shape[1]}.")
+            raise ConfigError(
+                f"Consistency: n={self.n} exceeds the {a.shape[1]} values of a map; use n ≤ {a.shape[1]}.")
         if self.abs:
             a = a.abs()
         if self.discretise == "first_n_sign":
@@ -230,10 +228,10 @@ class Continuity(ModelHolder, XAuditMetric):
                  internal_batch_size: int = 64, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._hold(model)
-        self.nr_steps = check_positive_int(nr_steps, "nr_steps")
-        self.normalise = _check_bool(normalise, "normalise", "divide each map by its max |value|")
-        self.abs = _check_bool(abs, "abs", "compare |attributions|")
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.nr_steps = positive_int(nr_steps, "nr_steps")
+        self.normalise = flag(normalise, "normalise", "divide each map by its max |value|")
+        self.abs = flag(abs, "abs", "compare |attributions|")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def shifts(self, width: int) -> Tensor:
         """The ``nr_steps`` translations (pixels) used on images ``width`` pixels wide."""
@@ -287,18 +285,18 @@ class _RelativeStability(ModelHolder, XAuditMetric):
                  internal_batch_size: int = 64, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._hold(model)
-        self.n = check_positive_int(n, "n")
-        self.lower_bound = check_positive_float(lower_bound, "lower_bound")
-        self.upper_bound = check_positive_float(upper_bound, "upper_bound")
+        self.n = positive_int(n, "n")
+        self.lower_bound = positive_float(lower_bound, "lower_bound")
+        self.upper_bound = positive_float(upper_bound, "upper_bound")
         if not self.upper_bound > self.lower_bound:
             raise ConfigError(f"upper_bound={upper_bound!r} must be larger than lower_bound={lower_bound!r} "
                               "(the noise is drawn from U(lower_bound, upper_bound)).")
-        self.eps_min = check_positive_float(eps_min, "eps_min")
-        self.return_nan_when_prediction_changes = _check_bool(
+        self.eps_min = positive_float(eps_min, "eps_min")
+        self.return_nan_when_prediction_changes = flag(
             return_nan_when_prediction_changes, "return_nan_when_prediction_changes",
             "drop noisy copies whose predicted class differs from the clean image's")
         self.seed = int(seed)
-        self.internal_batch_size = check_positive_int(internal_batch_size, "internal_batch_size")
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def noise(self, x: Tensor) -> Tensor:
         """The ``n`` perturbations [n,B,C,H,W] of ``x``, U(lower_bound, upper_bound) per element."""

@@ -3,8 +3,8 @@
 Every backbone maps [B,C,H,W] images to [B,num_classes] logits. ``cifar_stem`` swaps the
 ImageNet stem (7x7 stride-2 conv + max-pool) for a 3x3 stride-1 conv so 32 px inputs keep
 spatial detail; ``cifar_stem="auto"`` (the configs' default) turns it on for images up to
-``CIFAR_STEM_MAX_SIZE`` px and leaves the ImageNet stem at 224. Built models carry ``default_target_layer`` (the last spatial feature layer,
-what CAM-style explainers use unless told otherwise) and ``backbone_name``.
+``CIFAR_STEM_MAX_SIZE`` px and leaves the ImageNet stem at 224. Built models carry ``default_target_layer``
+(the last spatial feature layer, what CAM-style explainers use unless told otherwise) and ``backbone_name``.
 
 Vision transformers (``TRANSFORMER_BACKBONES``: timm ``vit_tiny``/``deit_small``, torchvision
 ``vit_b_16``/``swin_t``) cut the image into ``patch_size`` patches, so the image side must be a
@@ -34,6 +34,11 @@ class SmallCNN(nn.Module):
 
     The GAP→linear head makes it a CAM model (Zhou et al., 2016). ``width`` sets the first
     block's channels; later blocks double it twice.
+
+    Args:
+        num_classes: outputs of the linear head (logits).
+        in_chans: input image channels.
+        width: channels of the first block (later blocks: 2× and 4×).
     """
 
     def __init__(self, num_classes: int, in_chans: int = 3, width: int = 32) -> None:
@@ -285,7 +290,8 @@ def _build_transformer(name: str, num_classes: int, in_chans: int, image_size: i
                        options: dict[str, Any]) -> nn.Module:
     """Build a vision transformer for ``image_size`` px (default: the pretrained size; vit_tiny: 32)."""
     source, default_patch, native_size, layout = _TRANSFORMERS[name]
-    allowed = ("patch_size", "drop_path_rate") + (("depth", "num_heads", "mlp_ratio", "global_pool") if name == "vit_tiny" else ())
+    allowed = ("patch_size", "drop_path_rate") + (("depth", "num_heads", "mlp_ratio", "global_pool")
+                                                  if name == "vit_tiny" else ())
     for key in options:
         if key not in allowed:
             raise unknown_choice(f"option for backbone {name!r}:", key, allowed)
@@ -311,7 +317,8 @@ def _build_transformer(name: str, num_classes: int, in_chans: int, image_size: i
             raise unknown_choice("global_pool", pool, ("token", "avg"), key="model.backbone.global_pool")
         if int(width) % heads:
             raise ConfigError(f"model.backbone.width={width} (vit_tiny's embedding dimension) must be a multiple of "
-                              f"model.backbone.num_heads={heads}; e.g. width={max(heads, int(width) // heads * heads)}.")
+                              f"model.backbone.num_heads={heads}; "
+                              f"e.g. width={max(heads, int(width) // heads * heads)}.")
         model = VisionTransformer(img_size=size, patch_size=patch, in_chans=in_chans, num_classes=num_classes,
                                   embed_dim=int(width), depth=depth, num_heads=heads,
                                   mlp_ratio=float(options.get("mlp_ratio", 2.0)), class_token=True,

@@ -58,6 +58,20 @@ class Classifier(pl.LightningModule):
     ε/2 and 1−ε/2), and ``<split>/acc`` is torchmetrics' micro ``MultilabelAccuracy`` (sigmoid ≥
     0.5 per class) with ``<split>/map`` its macro ``MultilabelAveragePrecision`` (mAP, over
     ``MAP_THRESHOLDS`` score bins). Single-label training is unchanged.
+
+    Args:
+        backbone: keywords of :func:`xaudit.models.build_backbone` (``name``, ``width``,
+            ``pretrained``, ``cifar_stem``, ...); None: ``{"name": "small_cnn"}``.
+        num_classes: number of classes (``train.py`` takes it from the datamodule).
+        in_chans: input image channels (from the datamodule).
+        image_size: input side in px (from the datamodule; decides ``cifar_stem: auto``).
+        optimizer: Hydra partial ``params -> Optimizer``; required for training only.
+        scheduler: Hydra partial ``optimizer -> LR scheduler``, or None.
+        label_smoothing: cross-entropy label smoothing ε.
+        nan_check_every: host read of the non-finite loss flag every N steps, or ``"auto"``.
+        channels_last: channels-last memory format: true, false or ``"auto"`` (CUDA only).
+        compile: ``torch.compile`` the training forward: false, true or its keyword options.
+        multilabel: multi-hot labels, sigmoid/binary cross-entropy, multi-label accuracy and mAP.
     """
 
     def __init__(
@@ -345,7 +359,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise FileNotFoundError("No checkpoint path given (ckpt_path is empty). Train one with `python train.py`.")
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist (ckpt_path). Train one with `python train.py`.")
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist (ckpt_path). "
+                                "Train one with `python train.py`.")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from xaudit.explainers.activation_max import PARAMETERIZATIONS, maximize_activation
 from xaudit.models.classifier import load_classifier
-from xaudit.tasks.common import instantiate
+from xaudit.utils.config import instantiate
 
 
 def _natural_best(model: nn.Module, ckpt_info: dict, n_classes: int) -> tuple[Tensor, Tensor] | None:

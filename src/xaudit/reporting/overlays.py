@@ -290,7 +290,7 @@ def audit_examples(mode: str, mode_dir: str | Path, net: torch.nn.Module, split:
     before :func:`xaudit.reporting.report.write_report`, which embeds the file."""
     from xaudit.explainers.registry import create
     from xaudit.metrics.base import evaluating
-    from xaudit.roar.masking import MODES, keep_mask
+    from xaudit.ops.masking import MODES, keep_mask
 
     if mode != "evaluate" and mode not in MODES:
         return None

@@ -20,15 +20,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from xaudit.metrics.base import deviations
 from xaudit.utils.io import atomic_write_json
 
 PROTOCOL_VERSION: int = 2
 CARD_FILE = "protocol.json"
-
-
-def deviations(params: Mapping[str, Any], paper: Mapping[str, Any]) -> list[str]:
-    """``key=ours (paper: theirs)`` for every parameter the paper fixes and the run does not follow."""
-    return [f"{k}={params.get(k)!r} (paper: {v!r})" for k, v in paper.items() if params.get(k) != v]
 
 
 def protocol_row(name: str, paper: str, params: Mapping[str, Any], paper_params: Mapping[str, Any],

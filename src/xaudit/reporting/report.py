@@ -19,9 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from xaudit.reporting.constants import BASELINE, RETRAIN_MODES
 from xaudit.reporting.protocol import card_html, card_markdown, read_card
-from xaudit.roar.masking import MODES as RETRAIN_MODES
-from xaudit.roar.runner import BASELINE
 from xaudit.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 CONTROLS = ("random", "sobel")
@@ -444,7 +443,8 @@ def plot_evaluate(labels: Sequence[str], rows: Sequence[dict[str, Any]], path: P
     width = 0.8 / n
     for i, r in enumerate(rows):
         ax.bar([j + i * width for j in range(len(labels))], [r.get(lb, float("nan")) for lb in labels],
-               width=width, label=r["method"], color=colors.get(r["method"]) or method_colors([r["method"]])[r["method"]])
+               width=width, label=r["method"],
+               color=colors.get(r["method"]) or method_colors([r["method"]])[r["method"]])
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))],
                   [f"{lb} {arrow(higher.get(lb))}".strip() for lb in labels])
     ax.set_ylabel("score (mean over test images)")
@@ -738,7 +738,8 @@ def log_report(loggers: Sequence[Any], mode: str, cells: Sequence[dict[str, Any]
             payload: dict[str, Any] = {f"audit/{mode}/table": wandb.Table(columns=header, data=table)}
             flat = [_flat(c) for c in cells]
             cols = list(dict.fromkeys(k for row in flat for k in row))
-            payload[f"audit/{mode}/cells"] = wandb.Table(columns=cols, data=[[row.get(k) for k in cols] for row in flat])
+            payload[f"audit/{mode}/cells"] = wandb.Table(columns=cols,
+                                                         data=[[row.get(k) for k in cols] for row in flat])
             if mode in RETRAIN_MODES:
                 rows = retrain_summary(cells, mode)
                 # the per-point statistics of results.csv (mean, std, intervals, vs random)

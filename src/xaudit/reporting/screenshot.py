@@ -69,7 +69,8 @@ def _trim_bottom(path: Path, margin: int = 24) -> None:
 
     with Image.open(path) as img:
         rgb = img.convert("RGB")
-    box = ImageChops.difference(rgb, Image.new("RGB", rgb.size, rgb.getpixel((rgb.width - 1, rgb.height - 1)))).getbbox()
+    box = ImageChops.difference(
+        rgb, Image.new("RGB", rgb.size, rgb.getpixel((rgb.width - 1, rgb.height - 1)))).getbbox()
     if box and box[3] + margin < rgb.height:
         rgb.crop((0, 0, rgb.width, box[3] + margin)).save(path)
 

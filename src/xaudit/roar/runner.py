@@ -35,19 +35,19 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from xaudit.ops.masking import MODES, keep_mask
+from xaudit.reporting.constants import BASELINE
 from xaudit.reporting.protocol import PROTOCOL_VERSION
 from xaudit.roar.data import KeepFn, MapKeep, SplitDataModule, TensorSplit
-from xaudit.roar.masking import MODES, keep_mask
-from xaudit.roar.results import ResultsLog
 from xaudit.roar.store import AttributionStore, method_key
 from xaudit.utils.claims import HOST, ClaimBoard
 from xaudit.utils.distributed import broadcast, gpu_peak, is_global_zero, reset_gpu_peak
 from xaudit.utils.errors import ConfigError
 from xaudit.utils.io import short_hash
 from xaudit.utils.progress import SweepProgress
+from xaudit.utils.results import ResultsLog
 
 log = logging.getLogger("xaudit")
-BASELINE = "baseline"
 _WAIT = "__wait__"
 #: what removed pixels become: the training split's per-channel mean (Hooker et al.), or the
 #: normalisation's mean (0 in normalised units; the same where the data is normalised by its own mean)

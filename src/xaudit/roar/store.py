@@ -35,11 +35,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from xaudit.data.tensor_split import SplitDataModule, TensorSplit
 from xaudit.explainers import create
-from xaudit.roar.data import SplitDataModule, TensorSplit
-from xaudit.roar.results import config_diff, plain_json
 from xaudit.utils.errors import ConfigError
 from xaudit.utils.io import atomic_write_json, output_errors, short_hash
+from xaudit.utils.results import config_diff, plain_json
 
 STORE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

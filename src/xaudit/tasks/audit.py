@@ -1,4 +1,10 @@
-"""The body of ``python audit.py``: checkpoint + its data → evaluate or a ROAR/KAR sweep → report.
+"""The body of ``python audit.py``: checkpoint + its data → the configured audit mode → report.
+
+The modes (evaluate, roar, kar, sanity, concepts, shortcut, explain, or a user's) are plugins
+(:mod:`xaudit.audits`): ``conf/audit/<mode>.yaml`` names the class (``audit._target_``) and this
+module runs the generic flow around it — compose the inputs, load the checkpoint and its data,
+build an :class:`~xaudit.audits.base.AuditContext`, ``mode.run(ctx)``, ``mode.report(ctx, cells)``,
+log the report. It never branches on the mode's name.
 
 Layout of an audit directory (``out_dir``; default ``<log_dir>/audit/results/<run>_<ckpt>``)::
 
@@ -13,7 +19,6 @@ change the values (another checkpoint, data, recipe, metrics) is refused with th
 from __future__ import annotations
 
 import json
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,35 +28,28 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from xaudit.data.base import dataset_fingerprint
+from xaudit.audits.base import AuditContext, AuditMode, build_mode
+from xaudit.audits.base import names as audit_mode_names
+from xaudit.audits.base import plain as _plain
+from xaudit.audits.evaluate import run_evaluate  # noqa: F401  (re-exported: the old import path)
+from xaudit.audits.retrain import (  # noqa: F401  (re-exported: the old import path)
+    ROAR_PAPER,
+    check_seeds,
+    effective_recipe,
+    resolve_fill,
+    retrain_card,
+    retrain_recipe,
+    run_retrain,
+)
+from xaudit.data.tensor_split import TensorSplit
 from xaudit.explainers import create
 from xaudit.explainers import names as explainer_names
 from xaudit.metrics.base import evaluating
-from xaudit.metrics.evaluator import (
-    ExplainerEvaluation,
-    build_metrics,
-    check_target_mode,
-    metric_specs,
-    metric_target,
-    needs_mask,
-)
+from xaudit.metrics.evaluator import check_target_mode
 from xaudit.models.classifier import Classifier, classifier_from_checkpoint, load_checkpoint
-from xaudit.reporting.protocol import (
-    PROTOCOL_VERSION,
-    evaluate_card,
-    make_card,
-    protocol_row,
-    read_card,
-    write_card,
-)
-from xaudit.reporting.report import log_report, write_report
-from xaudit.roar.data import SplitDataModule, TensorSplit
-from xaudit.roar.masking import MODES as RETRAIN_MODES
-from xaudit.roar.masking import check_fractions
-from xaudit.roar.results import ResultsLog
-from xaudit.roar.runner import Recipe, RoarSweep, check_fill
-from xaudit.roar.store import check_store_dtype, method_key
-from xaudit.tasks.common import (
+from xaudit.reporting.protocol import read_card
+from xaudit.reporting.report import log_report
+from xaudit.utils.config import (
     finish_wandb,
     instantiate,
     instantiate_group,
@@ -63,25 +61,23 @@ from xaudit.tasks.common import (
 from xaudit.utils.distributed import (
     broadcast,
     compute_device,
-    gpu_peak,
     init_distributed,
     is_global_zero,
-    reset_gpu_peak,
 )
 from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.io import check_writable, file_sha256
-from xaudit.utils.progress import SweepProgress, quiet_lightning
+from xaudit.utils.progress import quiet_lightning
+from xaudit.utils.results import ResultsLog
 
-AUDIT_MODES: tuple[str, ...] = ("evaluate", *RETRAIN_MODES, "sanity", "shortcut", "concepts", "explain")
+#: the built-in modes (a mode registered by a user's module joins :func:`xaudit.audits.base.names`)
+AUDIT_MODES: tuple[str, ...] = tuple(audit_mode_names())
 #: data keys that change how data is served, not what it is (left out of fingerprints)
 SERVING_KEYS = ("batch_size", "eval_batch_size", "num_workers")
+#: experiment=<name> configs that only select an audit mode (now audit=<name>)
+DEPRECATED_EXPERIMENTS = ("sanity", "shortcut")
 
 
 # -- configuration -------------------------------------------------------------------------------
-def _plain(node: Any) -> Any:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-
-
 def data_config(override: Any, trained: dict[str, Any] | None) -> dict[str, Any]:
     """The checkpoint's data config with the audit's ``data`` keys merged on top.
 
@@ -190,32 +186,83 @@ def _is_writer() -> bool:
     return is_global_zero()
 
 
-def accepted_changes(cfg: DictConfig) -> list[str]:
-    """``accept_changes``: fingerprint keys (or prefixes) whose change the user accepts on resume."""
-    value = cfg.get("accept_changes") or []
-    return [str(value)] if isinstance(value, str) else [str(v) for v in value]
+def data_path(cfg: DictConfig) -> bool | None:
+    """``data_path``: auto (None: in-memory tensor datasets stay in memory, any other dataset is
+    streamed per batch), ``stream`` (True) or ``memory`` (False: decode every split once)."""
+    value = str(cfg.get("data_path", "auto"))
+    choices = {"auto": None, "stream": True, "memory": False}
+    if value not in choices:
+        raise unknown_choice("data_path", value, list(choices), key="data_path")
+    return choices[value]
+
+
+def deprecated_experiment(cfg: DictConfig) -> str | None:
+    """``experiment=sanity`` / ``experiment=shortcut`` (which now only select ``audit=<name>``), else None.
+
+    Read from the composed Hydra choices (``cfg.hydra`` when composed with the Hydra config, else
+    the running Hydra app's)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = cfg.get("hydra") if isinstance(cfg, DictConfig) else None
+    if hydra_cfg is None and HydraConfig.initialized():
+        hydra_cfg = HydraConfig.get()
+    choices = OmegaConf.select(hydra_cfg, "runtime.choices") if hydra_cfg is not None else None
+    chosen = choices.get("experiment") if choices is not None else None
+    return str(chosen) if chosen in DEPRECATED_EXPERIMENTS else None
+
+
+def warn_deprecated_experiment(cfg: DictConfig) -> None:
+    """A DeprecationWarning (and a log line) pointing ``experiment=sanity|shortcut`` to ``audit=...``."""
+    name = deprecated_experiment(cfg)
+    if name:
+        message = (f"experiment={name} is deprecated: it is now an audit mode, run `python audit.py audit={name}` "
+                   "(same settings, same results).")
+        warnings.warn(message, DeprecationWarning, stacklevel=3)
+        log.warning(message)
 
 
 # -- the audit -----------------------------------------------------------------------------------
 def audit(cfg: DictConfig) -> dict[str, Any]:
     """Run the configured audit; return the cells, the directories and the report paths."""
+    warn_deprecated_experiment(cfg)
     with quiet_lightning():
         return _audit(cfg)
 
 
+def experiments_dir(cfg: DictConfig) -> Path:
+    """Where a mode without a checkpoint writes: ``out_dir``, or ``<log_dir>/audit/experiments``."""
+    base = Path(str(cfg.out_dir)) if cfg.get("out_dir") else Path(str(cfg.paths.log_dir)) / "audit" / "experiments"
+    return base.expanduser().resolve()
+
+
 def _audit(cfg: DictConfig) -> dict[str, Any]:
     seed(cfg)
-    mode = str(cfg.audit.mode)
-    if mode not in AUDIT_MODES:
-        raise unknown_choice("audit mode", mode, AUDIT_MODES, key="audit.mode")
+    mode = build_mode(cfg.get("audit"))
     target = check_target_mode(str(cfg.get("target", "auto")))
-    if target == "auto" and mode not in ("evaluate", "shortcut"):
-        target = "label"  # ROAR/KAR/sanity explain one class per image: the true one (per-metric choice is evaluate's)
-    if mode == "shortcut":  # trains its own two models, then audits each (evaluate mode)
-        from xaudit.tasks.shortcut import run_shortcut
+    if target == "auto":
+        target = mode.default_target  # evaluate: per metric (its paper); ROAR/KAR/sanity: the true class
+    if mode.needs_checkpoint:
+        ctx = checkpoint_context(cfg, mode, target)
+    else:  # trains its own models (shortcut), then audits them through `audit`
+        out_dir = experiments_dir(cfg)
+        ctx = AuditContext(cfg=cfg, mode=mode.name, target=target, out_dir=out_dir, mode_dir=out_dir / mode.name,
+                           is_writer=_is_writer(), audit=_audit)
+    cells = mode.run(ctx)
+    out: dict[str, Any] = {"mode": mode.name, "out_dir": str(ctx.out_dir), "mode_dir": str(ctx.mode_dir),
+                           "cells": cells, "report": {}, **ctx.extra}
+    if _is_writer():
+        # a resumable mode's report shows every cell of its directory (other seeds of a multirun, earlier runs)
+        every = list(ResultsLog(ctx.mode_dir).read().values()) if mode.resumable else list(cells.values())
+        paths = mode.report(ctx, every)
+        if mode.resumable:
+            log_to_loggers(cfg, mode.name, ctx.mode_dir, every, paths)
+        out["report"] = {k: str(v) for k, v in paths.items()}
+        log.info("Audit (%s): %d cells; report %s", mode.name, len(cells), paths.get("md", "-"))
+    return out
 
-        base = Path(str(cfg.out_dir)) if cfg.get("out_dir") else Path(str(cfg.paths.log_dir)) / "audit" / "experiments"
-        return run_shortcut(cfg, _audit, base.expanduser().resolve())
+
+def checkpoint_context(cfg: DictConfig, mode: AuditMode, target: str) -> AuditContext:
+    """Load the checkpoint and its data, check them, and prepare what ``mode`` asks for (its flags)."""
     make_trainer = trainer_factory(cfg)
     fit_trainer = make_trainer("fit")
     init_distributed(fit_trainer)  # before anything is read: rank 0 decides, the ranks follow
@@ -231,296 +278,35 @@ def _audit(cfg: DictConfig) -> dict[str, Any]:
     check_data_fits(classifier, datamodule, ckpt_path)
     methods = resolve_methods(cfg)
     out_dir = writable_audit_dir(cfg, ckpt_path)
-    if mode == "explain":  # the user's own images: no test split, no resumable cells
-        from xaudit.tasks.explain import run_explain
-
+    ctx = AuditContext(cfg=cfg, mode=mode.name, target=target, out_dir=out_dir, mode_dir=out_dir / mode.name,
+                       is_writer=_is_writer(), classifier=classifier, datamodule=datamodule, data_cfg=data_cfg,
+                       trained=trained, ckpt_path=str(ckpt_path), methods=methods, device=device,
+                       make_trainer=make_trainer, fit_trainer=fit_trainer, audit=_audit)
+    if mode.resumable:
+        ctx.identity = {"checkpoint": file_sha256(ckpt_path), "data": data_identity(data_cfg), "target": target}
+    if mode.needs_test:
+        datamodule.setup("test")
+        ctx.stream = data_path(cfg)
+        ctx.test = TensorSplit.from_dataset(datamodule.test_set, datamodule.mean, datamodule.std, stream=ctx.stream)
         classifier.net.to(device)
-        batch_size = int(cfg.get("batch_size") or datamodule.eval_batch_size)
-        out = run_explain(cfg, classifier.net, datamodule, methods, out_dir / mode, device, batch_size, _is_writer())
-        if _is_writer():
-            log.info("Explained %d images; table %s", out["images"], out["files"]["csv"])
-        return out
-    identity = {"checkpoint": file_sha256(ckpt_path), "data": data_identity(data_cfg), "target": target}
-    datamodule.setup("test")
-    stream = data_path(cfg)
-    test = TensorSplit.from_dataset(datamodule.test_set, datamodule.mean, datamodule.std, stream=stream)
-    classifier.net.to(device)
-    if mode != "concepts":  # TCAV explains with concepts, not with the methods
-        dry_run(classifier.net, methods, test)
-    batch_size = int(cfg.get("batch_size") or datamodule.eval_batch_size)
-    mode_dir = out_dir / mode
-    if mode == "sanity":
-        from xaudit.tasks.sanity import run_sanity
-
-        cells = run_sanity(cfg, classifier.net, test, methods, mode_dir, identity, _is_writer())
-    elif mode == "concepts":
-        from xaudit.tasks.concepts import run_concepts
-
-        cells = run_concepts(cfg, classifier.net, datamodule, test, mode_dir, identity, _is_writer())
-    elif mode == "evaluate":
-        cells = run_evaluate(cfg, classifier, datamodule, test, methods, identity, mode_dir, make_trainer,
-                             batch_size, target)
-    else:
-        classifier.net.cpu()  # the sweep's trainers place it (and the shards' workers receive it)
-        cells = run_retrain(cfg, mode, classifier, datamodule, test, methods, identity, out_dir, make_trainer,
-                            batch_size, target, trained, fit_trainer)
-    out: dict[str, Any] = {"mode": mode, "out_dir": str(out_dir), "mode_dir": str(mode_dir), "cells": cells,
-                           "report": {}}
-    if _is_writer():
-        if mode in ("evaluate", "roar", "kar") and test.labels.ndim == 1:  # examples.png, embedded by the report
-            from xaudit.reporting.overlays import audit_examples
-
-            roar_cfg = cfg.get("roar") or {}
-            audit_examples(mode, mode_dir, classifier.net, test, methods,
-                           fractions=[] if mode == "evaluate" else _plain(roar_cfg.get("fractions")) or [],
-                           tie_seed=int(roar_cfg.get("tie_seed", 0)),
-                           class_names=getattr(datamodule, "class_names", None))
-        # the report shows every cell of this directory (other seeds of a multirun, earlier runs)
-        every = list(ResultsLog(mode_dir).read().values())
-        meta = {"checkpoint": str(Path(ckpt_path).resolve()), "data": data_cfg.get("_target_", "?"),
-                "methods": ", ".join(sorted({c["method_key"] for c in every})), "target": target,
-                "cells": len(every), "num_classes": int(datamodule.num_classes)}
-        if mode == "sanity":
-            from xaudit.tasks.sanity import write_sanity_report
-
-            paths = write_sanity_report(mode_dir, every, test, meta)
-        elif mode == "concepts":
-            from xaudit.tasks.concepts import write_concepts_report
-
-            meta["methods"] = ", ".join(sorted({c["concept"] for c in every}))
-            paths = write_concepts_report(mode_dir, every, meta, float((cfg.get("concepts") or {}).get("alpha", 0.05)))
-        else:
-            paths = write_report(mode_dir, mode, every, meta)
-        loggers = instantiate_group(cfg.get("logger"))
-        try:
-            card = read_card(mode_dir)
-            for lg in loggers:
-                lg.log_hyperparams({**plain_config(cfg), **({"protocol": card} if card else {})})
-            stored = json.loads(paths["json"].read_text())["summary"]
-            log_report(loggers, mode, every, paths, (stored["header"], stored["rows"]))
-            for lg in loggers:
-                lg.finalize("success")  # MLflow run → FINISHED, TensorBoard event file closed
-        finally:
-            finish_wandb(loggers)
-        out["report"] = {k: str(v) for k, v in paths.items()}
-        log.info("Audit (%s): %d cells; report %s", mode, len(cells), paths["md"])
-    return out
+        if mode.uses_methods:
+            dry_run(classifier.net, methods, ctx.test)
+    ctx.batch_size = int(cfg.get("batch_size") or datamodule.eval_batch_size)
+    return ctx
 
 
-def data_path(cfg: DictConfig) -> bool | None:
-    """``data_path``: auto (None: in-memory tensor datasets stay in memory, any other dataset is
-    streamed per batch), ``stream`` (True) or ``memory`` (False: decode every split once)."""
-    value = str(cfg.get("data_path", "auto"))
-    choices = {"auto": None, "stream": True, "memory": False}
-    if value not in choices:
-        raise unknown_choice("data_path", value, list(choices), key="data_path")
-    return choices[value]
-
-
-def run_evaluate(cfg: DictConfig, classifier: Classifier, datamodule: Any, test: TensorSplit,
-                 methods: dict[str, dict[str, Any]], identity: dict[str, Any], mode_dir: Path,
-                 make_trainer: Callable[..., pl.Trainer], batch_size: int, target: str) -> dict[str, dict[str, Any]]:
-    """Every (explainer × metric) on the test split; one cell per explainer plus the model's accuracy."""
-    ev = cfg.get("evaluate") or {}
-    specs = metric_specs(_plain(ev.get("metrics")))
-    if not specs:
-        raise ConfigError("evaluate.metrics is empty; name at least one metric (see conf/audit/evaluate.yaml).")
-    if not getattr(datamodule, "has_masks", False):
-        dropped = [k for k, s in specs.items() if needs_mask(s)]
-        if dropped:
-            warnings.warn(f"audit: the data has no ground-truth masks; skipping {dropped}.", stacklevel=2)
-            specs = {k: s for k, s in specs.items() if k not in dropped}
-    limit = ev.get("limit")
-    test = test.subset(None if limit is None else int(limit))
-    built = build_metrics(specs, classifier.net)
-    higher = {k: bool(getattr(m, "higher_is_better", True)) for k, m in built.items()}
-    families = {k: getattr(m, "family", "") or "other" for k, m in built.items()}
-    size = (int(datamodule.image_size), int(datamodule.image_size))
-    card = evaluate_card(built, {k: str(s["name"]) for k, s in specs.items()}, size,
-                         {k: metric_target(target, m) for k, m in built.items()}, target)
-    results = ResultsLog(mode_dir)
-    # the card (protocol version, every parameter as run) joins the fingerprint: a directory of
-    # another protocol is refused instead of mixing its numbers with these
-    results.check_config({**identity, "mode": "evaluate", "metrics": specs, "limit": limit, "protocol": card},
-                         accept=accepted_changes(cfg))
-    if _is_writer():
-        write_card(mode_dir, card)
-    done = broadcast(results.read() if _is_writer() else None)
-    data = SplitDataModule(test=test, eval_batch_size=batch_size, num_workers=int(getattr(datamodule, "num_workers", 0)))
-    keys = ["evaluate|model", *[f"evaluate|{method_key(n, kw)}" for n, kw in methods.items()]]
-    progress = SweepProgress(len(keys), sum(k in done for k in keys), "evaluate", enabled=_is_writer(),
-                             split=f"test ({len(test)} images)")
-    if keys[0] not in done:
-        progress.start("checkpoint accuracy")
-        start = time.perf_counter()
-        reset_gpu_peak()
-        trainer = make_trainer("test")
-        res = trainer.test(classifier, datamodule=data, verbose=False)[0]
-        record = {"cell": keys[0], "mode": "evaluate", "method": "model", "method_key": "model",
-                  "test_acc": float(res["test/acc"]), "test_loss": float(res["test/loss"]),
-                  "count": int(res["test/count"]), "world_size": trainer.world_size,
-                  "protocol_version": PROTOCOL_VERSION,
-                  "seconds": round(time.perf_counter() - start, 3), **gpu_peak()}
-        _append(results, record)
-        progress.advance("checkpoint accuracy", f"test acc {record['test_acc']:.4f}", record["seconds"])
-    for key, (name, kw) in zip(keys[1:], methods.items()):
-        if key in done:
-            continue
-        start = time.perf_counter()
-        reset_gpu_peak()
-        mkey = method_key(name, kw)
-        curves_path = mode_dir / "curves" / f"{mkey}.pt"
-        progress.start(mkey)
-        module = ExplainerEvaluation(classifier.net, name, kw, specs, target, curves_path)
-        trainer = make_trainer("test")
-        res = trainer.test(module, datamodule=data, verbose=False)[0]
-        curves = {}
-        if curves_path.is_file():
-            stored = torch.load(curves_path, map_location="cpu", weights_only=True)["curves"]
-            curves = {k: [round(float(v), 6) for v in t] for k, t in stored.items()}
-        record = {"cell": key, "mode": "evaluate", "method": name, "method_key": mkey, "kwargs": kw,
-                  "metrics": {k: float(res[f"eval/{k}"]) for k in specs}, "higher_is_better": higher,
-                  "families": families,
-                  "metrics_se": {k: float(res[f"eval_se/{k}"]) for k in specs},
-                  "count": int(res["eval/count"]), "world_size": trainer.world_size,
-                  "protocol_version": PROTOCOL_VERSION,
-                  "seconds": round(time.perf_counter() - start, 3), "curves": curves, **gpu_peak()}
-        _append(results, record)
-        shown = ", ".join(f"{k} {v:.3f}" for k, v in record["metrics"].items())
-        progress.advance(mkey, shown, record["seconds"])
-    return {k: v for k, v in results.read().items() if k in set(keys)}
-
-
-def _append(results: ResultsLog, record: dict[str, Any]) -> None:
-    if _is_writer():
-        results.append(record)
-
-
-def check_seeds(value: Any) -> list[int]:
-    """``roar.seed``: an int or a list of ints."""
-    items = list(value) if isinstance(value, (list, tuple)) or OmegaConf.is_list(value) else [value]
+def log_to_loggers(cfg: DictConfig, mode: str, mode_dir: Path, cells: list[dict[str, Any]],
+                   paths: dict[str, Path]) -> None:
+    """The report to the configured loggers (W&B, TensorBoard, MLflow, CSV): config + protocol card,
+    the summary table and the plots; each run is closed afterwards."""
+    loggers = instantiate_group(cfg.get("logger"))
     try:
-        seeds = [int(s) for s in items]
-    except (TypeError, ValueError):
-        raise ConfigError(f"roar.seed={value!r} must be an int or a list of ints, e.g. roar.seed=[0,1,2].") from None
-    if not seeds:
-        raise ConfigError("roar.seed is an empty list; give at least one seed.")
-    return list(dict.fromkeys(seeds))
-
-
-def retrain_recipe(roar: Any, trained: dict[str, Any], datamodule: Any, eval_batch_size: int,
-                   cfg: DictConfig) -> tuple[dict[str, Any], Recipe]:
-    """The checkpoint's model config and training recipe, with the ``roar.*`` overrides applied."""
-    model_cfg = dict(trained.get("model") or {})
-    if "_target_" not in model_cfg:
-        raise ConfigError("The checkpoint does not record its model config (model._target_), so it cannot be "
-                          "retrained; audit a checkpoint written by `python train.py`.")
-    if roar.get("lr") is not None:
-        lr = float(roar.lr)
-        model_cfg["optimizer"] = {**model_cfg.get("optimizer", {}), "lr": lr}
-        if isinstance(model_cfg.get("scheduler"), dict) and "max_lr" in model_cfg["scheduler"]:
-            model_cfg["scheduler"] = {**model_cfg["scheduler"], "max_lr": lr}
-    epochs = roar.get("epochs") or (trained.get("trainer") or {}).get("max_epochs") or 10
-    batch_size = roar.get("batch_size") or (trained.get("data") or {}).get("batch_size") or datamodule.batch_size
-    augment = roar.get("augment")
-    augment = bool(getattr(datamodule, "augment", False)) if augment is None else bool(augment)
-    cl = roar.get("channels_last", "auto")
-    if cl == "auto":
-        accel = str(cfg.trainer.get("accelerator", "auto"))
-        cl = torch.cuda.is_available() and accel in ("gpu", "cuda", "auto")
-    return model_cfg, Recipe(int(epochs), int(batch_size), int(eval_batch_size), augment, bool(cl))
-
-
-def effective_recipe(model_cfg: dict[str, Any], recipe: Recipe, trainer: pl.Trainer) -> dict[str, Any]:
-    """What decides a retrained cell's value: the model config and the recipe as this run executes it.
-
-    ``global_batch`` is batch × devices × nodes × gradient accumulation (what the optimiser sees);
-    precision and memory format come from the fit trainer, after ``devices=auto`` is resolved.
-    """
-    world = int(trainer.world_size)
-    accumulate = int(getattr(trainer, "accumulate_grad_batches", 1) or 1)
-    return {"model": model_cfg, "epochs": recipe.epochs, "batch_size": recipe.batch_size,
-            "global_batch": recipe.batch_size * world * accumulate, "world_size": world,
-            "accumulate_grad_batches": accumulate, "precision": str(trainer.precision),
-            "channels_last": recipe.channels_last, "augment": recipe.augment}
-
-
-def run_retrain(cfg: DictConfig, mode: str, classifier: Classifier, datamodule: Any, test: TensorSplit,
-                methods: dict[str, dict[str, Any]], identity: dict[str, Any], out_dir: Path,
-                make_trainer: Callable[..., pl.Trainer], batch_size: int, target: str,
-                trained: dict[str, Any], fit_trainer: pl.Trainer | None = None) -> dict[str, dict[str, Any]]:
-    """A ROAR or KAR sweep over ``roar.fractions`` × ``roar.seed`` for every method."""
-    roar = cfg.get("roar")
-    if roar is None:
-        raise ConfigError(f"audit.mode={mode} needs the roar settings; select the mode with audit={mode}.")
-    fractions = check_fractions(_plain(roar.fractions))
-    seeds = check_seeds(roar.seed)
-    store_dtype = check_store_dtype(str(roar.get("store_dtype", "float16")))
-    model_cfg, recipe = retrain_recipe(roar, trained, datamodule, batch_size, cfg)
-    tie_seed = int(roar.get("tie_seed", 0))
-    fill = resolve_fill(str(roar.get("fill", "auto")), datamodule)
-    effective = effective_recipe(model_cfg, recipe, fit_trainer or make_trainer("fit"))
-    results = ResultsLog(out_dir / mode)
-    identity_roar = {**identity, "mode": mode, "tie_seed": tie_seed, "store_dtype": str(roar.store_dtype),
-                     "recipe": effective}
-    if fill != "normalisation":  # recorded only where it changes the cells
-        identity_roar["fill"] = fill
-    identity_roar["protocol_version"] = PROTOCOL_VERSION
-    results.check_config(identity_roar, accept=accepted_changes(cfg))
-    if _is_writer():
-        write_card(out_dir / mode, retrain_card(mode, fractions, seeds, fill, datamodule, tie_seed, target, effective,
-                                                str(roar.store_dtype)))
-    datamodule.setup("fit")
-    plain_train = datamodule.plain_train_set()
-    train = TensorSplit.from_dataset(plain_train, datamodule.mean, datamodule.std, stream=data_path(cfg))
-    sizes = {"num_classes": datamodule.num_classes, "in_chans": datamodule.in_chans,
-             "image_size": datamodule.image_size}
-
-    def build_model() -> pl.LightningModule:
-        return instantiate(OmegaConf.create(model_cfg), **sizes)
-
-    claims = cfg.get("claims") or {}
-    sweep = RoarSweep(mode=mode, methods=methods, fractions=fractions, seeds=seeds, recipe=recipe, train=train,
-                      test=test, net=classifier.net, build_model=build_model, make_trainer=make_trainer, log=results,
-                      store_root=str(out_dir / "attributions"),
-                      store_fingerprint={**identity, "store_dtype": str(roar.store_dtype),
-                                         "content": {"train": dataset_fingerprint(plain_train, labels=train.labels),
-                                                     "test": dataset_fingerprint(datamodule.test_set,
-                                                                                 labels=test.labels)}},
-                      attr_batch_size=batch_size, target=target, store_dtype=store_dtype, tie_seed=tie_seed,
-                      is_writer=_is_writer(), claim_stale_s=float(claims.get("stale_s", 300)),
-                      claim_heartbeat_s=float(claims.get("heartbeat_s", 15)),
-                      poll_s=float(claims.get("poll_s", 5)),
-                      recipe_record={k: v for k, v in effective.items() if k != "model"},
-                      num_workers=int(getattr(datamodule, "num_workers", 0)), fill=fill)
-    return sweep.run()
-
-
-#: Hooker et al. (NeurIPS 2019): 10..90 % removed, 5 retrained models per point, removed pixels → the
-#: training split's per-channel mean
-ROAR_PAPER = {"fractions": [0.1, 0.3, 0.5, 0.7, 0.9], "seeds": 5, "fill": "train_mean"}
-
-
-def retrain_card(mode: str, fractions: list[float], seeds: list[int], fill: str, datamodule: Any, tie_seed: int,
-                 target: str, recipe: dict[str, Any], store_dtype: str) -> dict[str, Any]:
-    """The protocol card of a ROAR/KAR sweep: its settings next to Hooker et al.'s."""
-    same_mean = fill == "train_mean" or bool(getattr(datamodule, "mean_is_train_mean", False))
-    params = {"fractions": fractions, "seeds": len(seeds), "fill": "train_mean" if same_mean else fill,
-              "tie_seed": tie_seed, "ties": "seeded random", "target": target, "store_dtype": store_dtype,
-              "epochs": recipe.get("epochs"), "global_batch": recipe.get("global_batch")}
-    size = int(datamodule.image_size)
-    row = protocol_row(mode, "Hooker, Erhan, Kindermans & Kim, A benchmark for interpretability methods in deep "
-                       "neural networks, NeurIPS 2019", params, ROAR_PAPER,
-                       ["fill train_mean: the normalisation's mean where the data is normalised by its own training "
-                        "mean (shapes, CIFAR-10), else the mean computed from the training split",
-                        "the paper does not fix the retraining recipe; the checkpoint's recipe is reused"])
-    return make_card(mode, target, [size, size], {mode: row})
-
-
-def resolve_fill(fill: str, datamodule: Any) -> str:
-    """``roar.fill``: ``auto`` is ``normalisation`` where the data is normalised by its training
-    split's own mean (shapes, CIFAR-10: the two are the same value), else ``train_mean`` (an
-    ImageFolder normalised with ImageNet's mean gets its own training split's mean, Hooker et al.)."""
-    if fill == "auto":
-        return "normalisation" if getattr(datamodule, "mean_is_train_mean", False) else "train_mean"
-    return check_fill(fill)
+        card = read_card(mode_dir)
+        for lg in loggers:
+            lg.log_hyperparams({**plain_config(cfg), **({"protocol": card} if card else {})})
+        stored = json.loads(paths["json"].read_text())["summary"]
+        log_report(loggers, mode, cells, paths, (stored["header"], stored["rows"]))
+        for lg in loggers:
+            lg.finalize("success")  # MLflow run → FINISHED, TensorBoard event file closed
+    finally:
+        finish_wandb(loggers)

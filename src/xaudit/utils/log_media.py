@@ -60,7 +60,8 @@ def log_image(logger: Any, key: str, image: Image.Image, step: int, caption: str
         pixels = np.asarray(image.convert("RGB"), dtype=np.uint8)
         logger.experiment.add_image(key, pixels, global_step=step, dataformats="HWC")
     elif isinstance(logger, MLFlowLogger):
-        logger.experiment.log_image(logger.run_id, image.convert("RGB"), artifact_file=_artifact_name(key, step, ".png"))
+        logger.experiment.log_image(logger.run_id, image.convert("RGB"),
+                                    artifact_file=_artifact_name(key, step, ".png"))
 
 
 def log_table(logger: Any, key: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], step: int) -> None:

@@ -53,7 +53,8 @@ class SweepProgress:
             return
         left = self.total - self.done
         eta = f", ETA {self.run_seconds / self.run_count * left:.0f} s" if left else ""
-        self.console.print(f"[cyan][{self.done}/{self.total}][/cyan] {label}{self._where(split)} — {result} ({seconds:.1f} s{eta})",
+        self.console.print(f"[cyan][{self.done}/{self.total}][/cyan] {label}{self._where(split)} — "
+                           f"{result} ({seconds:.1f} s{eta})",
                            soft_wrap=True)
 
 

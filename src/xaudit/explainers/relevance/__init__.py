@@ -29,8 +29,9 @@ tensors); layers are switched to their rule by instance-level ``forward`` overri
 removed in ``finally`` (see :mod:`xaudit.explainers.canonizers`); DeepLIFT changes nonlinearities
 through a ``TorchFunctionMode`` that is active for one forward only.
 
-**Layout.** :mod:`~xaudit.explainers.relevance.core` (the :func:`reroute` primitive, the
-stabiliser, :func:`iter_images`), :mod:`~xaudit.explainers.relevance.rules` (one class per LRP
+**Layout.** :mod:`~xaudit.explainers.relevance.core` (the stabiliser; it re-exports the
+:func:`reroute` primitive of :mod:`xaudit.explainers.rerouting` and :func:`iter_images` of
+:mod:`xaudit.explainers.fit_data`), :mod:`~xaudit.explainers.relevance.rules` (one class per LRP
 rule, :data:`RULES`), :mod:`~xaudit.explainers.relevance.composites` (:data:`COMPOSITES`, rule
 resolution), :mod:`~xaudit.explainers.relevance.lrp` (the engine, :class:`LRP`,
 :class:`DeepTaylor`) and :mod:`~xaudit.explainers.relevance.deeplift` (:class:`DeepLift`,

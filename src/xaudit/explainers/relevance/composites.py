@@ -16,8 +16,8 @@ from xaudit.explainers.relevance.rules import (
     RULES,
     Rule,
     RuleSpec,
-    _not_affine_message,
     make_rule,
+    not_affine_message,
 )
 from xaudit.utils.errors import ConfigError, unknown_choice
 
@@ -113,17 +113,18 @@ def resolve_rules(model: nn.Module, composite: str | Mapping[str, RuleSpec], rul
                               "Name its layers instead.")
         if rule is not None and rule.needs_affine and _is_layer(module) and not isinstance(
                 module, (*FIRST_TYPES, _BatchNorm)):
-            raise UnsupportedModelError(_not_affine_message(rule, name, module))
+            raise UnsupportedModelError(not_affine_message(rule, name, module))
         if rule is not None and _is_layer(module) and name:
             plan[module] = (name, rule)
         elif rule is not None and _is_layer(module) and not name and next(model.children(), None) is None:
             plan[module] = (type(module).__name__, rule)
         elif rule is None and _own_params(module) and not isinstance(module, _BatchNorm):
-            raise UnsupportedModelError(_no_rule_message(name or type(module).__name__, module))
+            raise UnsupportedModelError(no_rule_message(name or type(module).__name__, module))
     return plan, built.get("Sum")
 
 
-def _no_rule_message(name: str, module: nn.Module) -> str:
+def no_rule_message(name: str, module: nn.Module) -> str:
+    """The error for a layer with parameters that no rule maps (names the fix)."""
     kind = type(module).__name__
     return (f"LRP has no rule for layer {name!r} ({kind}), which has parameters. Add one: "
             f"create('lrp', model, rules={{{name!r}: 'epsilon'}}) for this layer, or rules={{{kind!r}: 'epsilon'}} "

@@ -11,26 +11,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from xaudit.explainers.base import Explainer, Target, UnsupportedModelError, check_positive_int
-from xaudit.explainers.fills import FillLike, make_fill
-from xaudit.explainers.gradient import _RELU_IN_PLACE, _RELU_OUT_OF_PLACE
+from xaudit.explainers.base import Explainer, Target, UnsupportedModelError
+from xaudit.explainers.fit_data import iter_images
 from xaudit.explainers.registry import register
-from xaudit.explainers.relevance.core import iter_images, reroute
+from xaudit.explainers.rerouting import RELU_IN_PLACE, RELU_OUT_OF_PLACE, reroute
+from xaudit.ops.fills import FillLike, make_fill
 from xaudit.utils.errors import ConfigError
+from xaudit.utils.validation import positive_int
 
 # element-wise nonlinearities caught in any form (module, functional, method, in place):
 # function -> index of its `inplace` argument (None: no such argument)
 _ACTIVATIONS: dict[Any, int | None] = {
-    **dict.fromkeys(_RELU_OUT_OF_PLACE, None), F.relu: 1,
+    **dict.fromkeys(RELU_OUT_OF_PLACE, None), F.relu: 1,
     F.elu: 2, F.leaky_relu: 2, F.relu6: 1, F.hardtanh: 3, F.silu: 1, F.mish: 1, F.hardswish: 1, F.hardsigmoid: 1,
     F.selu: 1, F.celu: 2, F.gelu: None, F.softplus: None,
     torch.sigmoid: None, Tensor.sigmoid: None, F.sigmoid: None, torch.tanh: None, Tensor.tanh: None, F.tanh: None,
 }
-_ACTIVATIONS_IN_PLACE = {*_RELU_IN_PLACE, F.elu_, F.leaky_relu_, F.hardtanh_, F.celu_, F.selu_,
+_ACTIVATIONS_IN_PLACE = {*RELU_IN_PLACE, F.elu_, F.leaky_relu_, F.hardtanh_, F.celu_, F.selu_,
                          Tensor.sigmoid_, Tensor.tanh_, torch.sigmoid_, torch.tanh_}
 _MAX_POOLS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
 _POOL_ARGS = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
-_RELUS = _RELU_OUT_OF_PLACE | _RELU_IN_PLACE | {F.relu}
+_RELUS = RELU_OUT_OF_PLACE | RELU_IN_PLACE | {F.relu}
 
 
 class _InPlaceValue(torch.autograd.Function):
@@ -272,7 +273,7 @@ def sample_background(data: object, n: int, max_batches: int | None = None, seed
     The loader runs under a forked global RNG seeded with ``seed`` (shuffling is reproducible and
     the caller's RNG is untouched).
     """
-    n = check_positive_int("n", n)
+    n = positive_int(n, "n")
     out: list[Tensor] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -307,14 +308,14 @@ class DeepShap(Explainer):
         if isinstance(baselines, Tensor) and (baselines.ndim < 2 or baselines.shape[0] < 1):
             raise ConfigError(f"baselines tensor must be [N,C,H,W] with N ≥ 1; got {tuple(baselines.shape)}.")
         self.baselines = baselines
-        self.n_baselines = check_positive_int("n_baselines", n_baselines)
+        self.n_baselines = positive_int(n_baselines, "n_baselines")
         if float(sigma) < 0:
             raise ConfigError(f"sigma must be ≥ 0; got {sigma}.")
         self.sigma = float(sigma)
         self.seed = int(seed)
         self.blur_sigma = blur_sigma
         self.eps = float(eps)
-        self.internal_batch_size = check_positive_int("internal_batch_size", internal_batch_size)
+        self.internal_batch_size = positive_int(internal_batch_size, "internal_batch_size")
 
     def fit(self, data: object, n: int = 32, max_batches: int | None = None) -> DeepShap:
         """Use the first ``n`` training images of ``data`` as the background set; returns self."""

@@ -23,7 +23,7 @@ from xaudit.explainers.canonizers import (
     resnet_block_forward,
 )
 from xaudit.explainers.registry import register
-from xaudit.explainers.relevance.composites import _no_rule_message, resolve_rules
+from xaudit.explainers.relevance.composites import no_rule_message, resolve_rules
 from xaudit.explainers.relevance.rules import (
     BoundLike,
     Epsilon,
@@ -165,7 +165,7 @@ class LRP(Explainer):
         for module in model.modules():
             if isinstance(module, _BatchNorm) and module not in self.plan and module not in merged_bns:
                 name = next(n for n, m in model.named_modules() if m is module)
-                raise UnsupportedModelError(_no_rule_message(name, module))
+                raise UnsupportedModelError(no_rule_message(name, module))
         if "resnet_skip" in self.canonizers:
             for module in model.modules():
                 fwd = resnet_block_forward(module, self._add)

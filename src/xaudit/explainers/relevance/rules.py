@@ -15,7 +15,8 @@ from torch import Tensor, nn
 
 from xaudit.explainers.base import UnsupportedModelError
 from xaudit.explainers.canonizers import Affine
-from xaudit.explainers.relevance.core import _nonnegative, reroute, stabilize
+from xaudit.explainers.relevance.core import is_nonnegative, stabilize
+from xaudit.explainers.rerouting import reroute
 from xaudit.utils.errors import ConfigError, unknown_choice
 
 if TYPE_CHECKING:
@@ -38,7 +39,7 @@ class LayerCall:
 
     def need_affine(self, rule: Rule) -> Affine:
         if self.affine is None:
-            raise UnsupportedModelError(_not_affine_message(rule, self.name, self.module))
+            raise UnsupportedModelError(not_affine_message(rule, self.name, self.module))
         return self.affine
 
 
@@ -127,10 +128,7 @@ class ZPlus(Rule):
         with torch.no_grad():
             z = a(x)
         wp, bp = _pos(a)
-        if _nonnegative(x):
-            zp = a(x, wp, bp)
-        else:
-            zp = a(x.clamp(min=0), wp, bp) + a(x.clamp(max=0), _neg(a)[0], None)
+        zp = a(x, wp, bp) if is_nonnegative(x) else a(x.clamp(min=0), wp, bp) + a(x.clamp(max=0), _neg(a)[0], None)
         with torch.no_grad():
             scale = z / (zp + self.stabilizer)  # z⁺ ≥ 0, so this is stabilize(z⁺)
         return reroute(z, None, (zp,), (scale,))
@@ -154,7 +152,7 @@ class AlphaBeta(Rule):
         with torch.no_grad():
             z = a(x)
         (wp, bp), (wn, bn) = _pos(a), _neg(a)
-        if _nonnegative(x):
+        if is_nonnegative(x):
             zp = a(x, wp, bp)
             zn = a(x, wn, bn) if self.beta else None
         else:
@@ -184,7 +182,7 @@ class Gamma(Rule):
     def __call__(self, call: LayerCall) -> Tensor:
         a, x, g, eps = call.need_affine(self), call.x, self.gamma, self.stabilizer
         (wp, bp), (wn, bn) = _pos(a), _neg(a)
-        if _nonnegative(x):
+        if is_nonnegative(x):
             # z_up = z + γ(p + b⁺), z_down = z + γ(z − p) − γb⁺ with p = x·w⁺: the backward
             # (w+γw⁺)ᵀu + (w+γw⁻)ᵀv is regrouped as wᵀ(u + (1+γ)v) + γ(w⁺)ᵀ(u − v)
             z = a(x)
@@ -386,7 +384,8 @@ def make_rule(spec: RuleSpec, defaults: Mapping[str, Any] | None = None) -> Rule
     return factory(**kwargs)
 
 
-def _not_affine_message(rule: Rule, name: str, module: nn.Module) -> str:
+def not_affine_message(rule: Rule, name: str, module: nn.Module) -> str:
+    """The error for a weight-changing rule mapped onto a layer that has no weights to change."""
     return (f"LRP rule {rule.name!r} changes weights, but layer {name!r} ({type(module).__name__}) is not a "
             "Conv/Linear layer (nor an eval-mode BatchNorm). Map it to 'epsilon', 'pass', 'norm' or 'gradient': "
             f"rules={{{name!r}: 'pass'}}.")
