@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -150,7 +151,27 @@ def check_shapes_args(*, num_classes: int, image_size: int, spurious_p: float, c
         raise ConfigError(f"data.cue={cue!r} is unknown; choose one of {list(CUES)}.")
 
 
-class ShapesDataModule(XAuditDataModule):
+class GeneratedDataModule(XAuditDataModule):
+    """A datamodule whose splits are generated in memory (``split(name)`` → images, labels, masks):
+    the splits become :class:`TensorDictDataset` objects on ``setup``."""
+
+    def split(self, name: str) -> Any:
+        """The generated split ``name`` (train, val or test): an object with images, labels and masks."""
+        raise NotImplementedError
+
+    def _dataset(self, name: str) -> TensorDictDataset:
+        s = self.split(name)
+        return TensorDictDataset(s.images, s.labels, self.mean, self.std, masks=s.masks)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            self.train_set = self._dataset("train")
+            self.val_set = self._dataset("val")
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = self._dataset("test")
+
+
+class ShapesDataModule(GeneratedDataModule):
     """The embedded default dataset (see module docstring). Batches carry ``mask``.
 
     ``test_cue="same"`` draws the test split like train (same ``spurious_p``);
@@ -222,14 +243,3 @@ class ShapesDataModule(XAuditDataModule):
                 seed=self.seed * 1000 + offset, spurious_p=p, cue=self.cue, noise=self.noise,
             )
         return self._splits[name]
-
-    def _dataset(self, name: str) -> TensorDictDataset:
-        s = self.split(name)
-        return TensorDictDataset(s.images, s.labels, self.mean, self.std, masks=s.masks)
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit", "validate") and self.train_set is None:
-            self.train_set = self._dataset("train")
-            self.val_set = self._dataset("val")
-        if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = self._dataset("test")

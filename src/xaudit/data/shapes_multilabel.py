@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from xaudit.data.base import TensorDictDataset, XAuditDataModule, channel_stats
-from xaudit.data.shapes import SHAPES, check_shapes_args, shape_inside
+from xaudit.data.base import channel_stats
+from xaudit.data.shapes import SHAPES, GeneratedDataModule, check_shapes_args, shape_inside
 from xaudit.utils.errors import ConfigError
 
 #: a class is in an image's label set when at least this fraction of its shape stays visible
@@ -111,7 +111,7 @@ def check_multilabel_args(*, num_classes: int, image_size: int, min_objects: int
             f"max_objects ≤ num_classes ({num_classes}); each shape in an image has its own class.")
 
 
-class ShapesMultilabelDataModule(XAuditDataModule):
+class ShapesMultilabelDataModule(GeneratedDataModule):
     """Multi-label generated shapes (see the module docstring for the batch layout).
 
     ``multilabel = True`` tells ``train.py`` to build the classifier with ``multilabel=True``
@@ -177,17 +177,6 @@ class ShapesMultilabelDataModule(XAuditDataModule):
                 seed=self.seed * 1000 + offset, min_objects=self.min_objects, max_objects=self.max_objects,
                 noise=self.noise)
         return self._splits[name]
-
-    def _dataset(self, name: str) -> TensorDictDataset:
-        s = self.split(name)
-        return TensorDictDataset(s.images, s.labels, self.mean, self.std, masks=s.masks)
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit", "validate") and self.train_set is None:
-            self.train_set = self._dataset("train")
-            self.val_set = self._dataset("val")
-        if stage in (None, "test", "predict") and self.test_set is None:
-            self.test_set = self._dataset("test")
 
     def describe(self) -> dict[str, Any]:
         """As the base, plus ``multilabel: True`` (stored in checkpoints)."""
