@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from xaudit.audits import AuditContext, AuditMode
-from xaudit.audits.results import ResultsLog
+from xaudit.utils.results import ResultsLog
 from xaudit.explainers import create
 from xaudit.metrics.base import evaluating
 from xaudit.reporting import report as rep

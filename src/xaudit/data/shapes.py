@@ -155,8 +155,28 @@ class GeneratedDataModule(XAuditDataModule):
     """A datamodule whose splits are generated in memory (``split(name)`` → images, labels, masks):
     the splits become :class:`TensorDictDataset` objects on ``setup``."""
 
+    def _init_splits(self, num_classes: int, image_size: int, n_train: int, n_val: int, n_test: int) -> None:
+        """Class count, image size and split sizes (each ≥ 1), checked and stored; no split generated yet."""
+        for key, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
+            if int(n) < 1:
+                raise ConfigError(f"data.{key}={n} must be ≥1.")
+        self.num_classes = int(num_classes)
+        self.image_size = int(image_size)
+        self.in_chans = 3
+        self.class_names = list(SHAPES[: self.num_classes])
+        self.sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
+        self._splits: dict[str, Any] = {}
+
     def split(self, name: str) -> Any:
-        """The generated split ``name`` (train, val or test): an object with images, labels and masks."""
+        """The generated split ``name`` (train, val or test): an object with images, labels and masks,
+        generated once, each split with its own derived seed."""
+        if name not in self._splits:
+            offset = {"train": 0, "val": 1, "test": 2}[name]
+            self._splits[name] = self._generate(name, self.seed * 1000 + offset)
+        return self._splits[name]
+
+    def _generate(self, name: str, seed: int) -> Any:
+        """Generate split ``name`` from ``seed``."""
         raise NotImplementedError
 
     def _dataset(self, name: str) -> TensorDictDataset:
@@ -217,29 +237,15 @@ class ShapesDataModule(GeneratedDataModule):
         check_shapes_args(num_classes=num_classes, image_size=image_size, spurious_p=spurious_p, cue=cue)
         if test_cue not in ("same", "shuffled"):
             raise ConfigError(f"data.test_cue={test_cue!r} is unknown; choose 'same' or 'shuffled'.")
-        for key, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            if int(n) < 1:
-                raise ConfigError(f"data.{key}={n} must be ≥1.")
-        self.num_classes = int(num_classes)
-        self.image_size = int(image_size)
-        self.in_chans = 3
-        self.class_names = list(SHAPES[: self.num_classes])
-        self.sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
+        self._init_splits(num_classes, image_size, n_train, n_val, n_test)
         self.spurious_p = float(spurious_p)
         self.cue = cue
         self.test_cue = test_cue
         self.noise = float(noise)
-        self._splits: dict[str, ShapesSplit] = {}
         # The normalisation statistics come from the train split, so they are known before setup.
         self.mean, self.std = channel_stats(self.split("train").images)
 
-    def split(self, name: str) -> ShapesSplit:
-        """Generate (once) and return one split; each split has its own derived seed."""
-        if name not in self._splits:
-            offset = {"train": 0, "val": 1, "test": 2}[name]
-            p = 0.0 if (name == "test" and self.test_cue == "shuffled") else self.spurious_p
-            self._splits[name] = generate_shapes(
-                self.sizes[name], num_classes=self.num_classes, image_size=self.image_size,
-                seed=self.seed * 1000 + offset, spurious_p=p, cue=self.cue, noise=self.noise,
-            )
-        return self._splits[name]
+    def _generate(self, name: str, seed: int) -> ShapesSplit:
+        p = 0.0 if (name == "test" and self.test_cue == "shuffled") else self.spurious_p
+        return generate_shapes(self.sizes[name], num_classes=self.num_classes, image_size=self.image_size,
+                               seed=seed, spurious_p=p, cue=self.cue, noise=self.noise)

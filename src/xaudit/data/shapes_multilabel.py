@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from xaudit.data.base import channel_stats
-from xaudit.data.shapes import SHAPES, GeneratedDataModule, check_shapes_args, shape_inside
+from xaudit.data.shapes import GeneratedDataModule, check_shapes_args, shape_inside
 from xaudit.utils.errors import ConfigError
 
 #: a class is in an image's label set when at least this fraction of its shape stays visible
@@ -155,28 +155,15 @@ class ShapesMultilabelDataModule(GeneratedDataModule):
                          num_workers=num_workers, seed=seed)
         check_multilabel_args(num_classes=num_classes, image_size=image_size, min_objects=min_objects,
                               max_objects=max_objects)
-        for key, n in (("n_train", n_train), ("n_val", n_val), ("n_test", n_test)):
-            if int(n) < 1:
-                raise ConfigError(f"data.{key}={n} must be ≥1.")
-        self.num_classes = int(num_classes)
-        self.image_size = int(image_size)
-        self.in_chans = 3
-        self.class_names = list(SHAPES[: self.num_classes])
-        self.sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
+        self._init_splits(num_classes, image_size, n_train, n_val, n_test)
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
         self.noise = float(noise)
-        self._splits: dict[str, MultilabelShapesSplit] = {}
         self.mean, self.std = channel_stats(self.split("train").images)
 
-    def split(self, name: str) -> MultilabelShapesSplit:
-        """Generate (once) and return one split; each split has its own derived seed."""
-        if name not in self._splits:
-            offset = {"train": 0, "val": 1, "test": 2}[name]
-            self._splits[name] = generate_multilabel_shapes(
-                self.sizes[name], num_classes=self.num_classes, image_size=self.image_size,
-                seed=self.seed * 1000 + offset, min_objects=self.min_objects, max_objects=self.max_objects,
-                noise=self.noise)
-        return self._splits[name]
+    def _generate(self, name: str, seed: int) -> MultilabelShapesSplit:
+        return generate_multilabel_shapes(self.sizes[name], num_classes=self.num_classes, image_size=self.image_size,
+                                          seed=seed, min_objects=self.min_objects, max_objects=self.max_objects,
+                                          noise=self.noise)
 
     def describe(self) -> dict[str, Any]:
         """As the base, plus ``multilabel: True`` (stored in checkpoints)."""

@@ -43,9 +43,9 @@ from xaudit.explainers.base import (
     TargetLike,
 )
 from xaudit.explainers.baselines import image_seeds
-from xaudit.explainers.fills import FillLike, check_fill, make_fill
 from xaudit.explainers.registry import register
 from xaudit.explainers.segmentation import SEGMENTATIONS, check_feature_mask, relabel, segment
+from xaudit.ops.fills import FillLike, check_fill, make_fill
 from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.validation import positive_int
 

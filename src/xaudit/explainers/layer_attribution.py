@@ -57,10 +57,10 @@ from xaudit.explainers.base import (
     explain_mode,
     upsample,
 )
-from xaudit.explainers.fills import FillLike, check_fill, make_fill
 from xaudit.explainers.gradient import riemann_alphas
 from xaudit.explainers.hooks import resolve_layer
 from xaudit.explainers.registry import register
+from xaudit.ops.fills import FillLike, check_fill, make_fill
 from xaudit.utils.errors import ConfigError
 from xaudit.utils.validation import positive_int
 

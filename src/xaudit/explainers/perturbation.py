@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xaudit.explainers.base import Explainer, Target
-from xaudit.explainers.fills import FillLike, check_fill, make_fill
 from xaudit.explainers.registry import register
+from xaudit.ops.fills import FillLike, check_fill, make_fill
 from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.validation import positive_int
 

@@ -29,7 +29,6 @@ from torch import Tensor, nn
 
 from xaudit.explainers.base import AUTO, Explainer, Target, TargetLike
 from xaudit.explainers.baselines import image_seeds
-from xaudit.explainers.fills import FILLS, FillLike, check_fill, make_fill
 from xaudit.explainers.registry import register
 from xaudit.explainers.segmentation import (
     QUICKSHIFT_DEFAULTS,
@@ -38,6 +37,7 @@ from xaudit.explainers.segmentation import (
     require_regions,
     segment,
 )
+from xaudit.ops.fills import FILLS, FillLike, check_fill, make_fill
 from xaudit.utils.errors import ConfigError, unknown_choice
 from xaudit.utils.validation import positive_int
 

@@ -20,10 +20,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from xaudit.explainers.base import Explainer, Target
-from xaudit.explainers.fills import FILLS, FillLike, check_fill
 from xaudit.explainers.gradient import IntegratedGradients
 from xaudit.explainers.registry import register
 from xaudit.explainers.segmentation import segment
+from xaudit.ops.fills import FILLS, FillLike, check_fill
 from xaudit.utils.errors import ConfigError
 from xaudit.utils.validation import positive_int
 
@@ -81,7 +81,7 @@ class XRAI(Explainer):
 
     ``steps``/``method``/``internal_batch_size`` go to integrated gradients; ``baselines`` lists
     its baselines ("black"/"white" = the image's minimum/maximum value, as the paper, or any fill
-    of :mod:`xaudit.explainers.fills`). ``n_segments`` are the SLIC scales whose regions compete;
+    of :mod:`xaudit.ops.fills`). ``n_segments`` are the SLIC scales whose regions compete;
     ``dilation`` (px, default 5 px scaled from 224 px) and ``min_pixel_diff`` (default 50 px scaled
     from 224²) are the paper's; ``area_threshold`` stops once that fraction of the image is covered.
 

@@ -4,8 +4,8 @@ removal with a seeded tie-break, attribution shards, the crash-safe results log,
 ``python audit.py audit=roar|kar`` drives it (:mod:`xaudit.tasks.audit`).
 """
 
+from xaudit.data.tensor_split import DeviceBatches, SplitDataModule, TensorSplit, augment_batch
 from xaudit.ops.masking import MODES, check_fractions, keep_mask, removal_order
-from xaudit.roar.data import DeviceBatches, SplitDataModule, TensorSplit, augment_batch
 from xaudit.roar.runner import Cell, Recipe, RoarSweep, retrain, sweep_cells
 from xaudit.roar.store import AttributionStore, AttributionWriter, method_key
 from xaudit.utils.results import ConfigMismatchError, ResultsLog

@@ -1,4 +1,4 @@
-"""Moved to :mod:`xaudit.audits.results` (every audit mode writes its cells there); re-exported here."""
+"""Moved to :mod:`xaudit.utils.results` (every audit mode and ROAR write their cells there); re-exported here."""
 
 from xaudit.utils.results import (  # noqa: F401
     ConfigMismatchError,

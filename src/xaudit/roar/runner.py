@@ -35,10 +35,11 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
+from xaudit.data.tensor_split import KeepFn, SplitDataModule, TensorSplit
 from xaudit.ops.masking import MODES, keep_mask
 from xaudit.reporting.constants import BASELINE
 from xaudit.reporting.protocol import PROTOCOL_VERSION
-from xaudit.roar.data import KeepFn, MapKeep, SplitDataModule, TensorSplit
+from xaudit.roar.data import MapKeep
 from xaudit.roar.store import AttributionStore, method_key
 from xaudit.utils.claims import HOST, ClaimBoard
 from xaudit.utils.distributed import broadcast, gpu_peak, is_global_zero, reset_gpu_peak
